@@ -1,0 +1,249 @@
+"""Modular arithmetic, the task on which grokking was found, with the Grokfast paper's transformer.
+
+Every equation ``x op y = z (mod p)`` is one example of four input tokens ``[x, op, y, =]``; the model reads
+them with a causal transformer and predicts ``z`` at the last position. Loss and accuracy are measured on that
+answer token only. The data is generated in memory and split at random (seeded) into train and validation halves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "+": lambda x, y, p: (x + y) % p,
+    "-": lambda x, y, p: (x - y) % p,
+    "*": lambda x, y, p: (x * y) % p,
+    # y has an inverse mod prime p when y != 0: x / y = x * y^(p-2)
+    "/": lambda x, y, p: (x * _modular_power(y, p - 2, p)) % p,
+    "x^2+y^2": lambda x, y, p: (x * x + y * y) % p,
+    "x^3+xy": lambda x, y, p: (x * x * x + x * y) % p,
+}
+
+
+def _modular_power(base: Tensor, exponent: int, modulus: int) -> Tensor:
+    result = torch.ones_like(base)
+    base = base % modulus
+    while exponent:
+        if exponent & 1:
+            result = (result * base) % modulus
+        base = (base * base) % modulus
+        exponent >>= 1
+    return result
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
+
+def make_modular_dataset(operation: str = "*", p: int = 97) -> tuple[Tensor, Tensor]:
+    """All equations ``x op y`` with ``x`` in ``[0, p)`` and ``y`` in ``[1, p)``, as the paper's code builds them.
+
+    Args:
+        operation: one of :data:`OPERATIONS`.
+        p: the modulus, a prime (division needs inverses).
+
+    Returns:
+        ``(inputs, targets)``: ``inputs`` of shape ``(N, 4)`` holding ``[x, op, y, =]`` token ids, where the
+        operator token is ``p`` and the equals token is ``p + 1``; ``targets`` of shape ``(N,)``.
+
+    Raises:
+        ValueError: If ``operation`` is unknown or ``p`` is not a prime.
+
+    """
+    if operation not in OPERATIONS:
+        raise ValueError(f"`operation` must be one of {list(OPERATIONS)}, got {operation!r}.")
+    if isinstance(p, bool) or not isinstance(p, int) or not _is_prime(p):
+        raise ValueError(f"`p` must be a prime number >= 2, got {p!r}.")
+    x, y = torch.cartesian_prod(torch.arange(p), torch.arange(1, p)).unbind(1)
+    targets = OPERATIONS[operation](x, y, p)
+    inputs = torch.stack([x, torch.full_like(x, p), y, torch.full_like(x, p + 1)], dim=1)
+    return inputs, targets
+
+
+class ModularArithmeticDataModule(pl.LightningDataModule):
+    """Generated ``x op y (mod p)`` equations, split at random into train and validation sets.
+
+    Args:
+        operation: ``"+"``, ``"-"``, ``"*"``, ``"/"``, ``"x^2+y^2"`` or ``"x^3+xy"``.
+        p: prime modulus (default 97).
+        train_fraction: fraction of all equations used for training, in ``(0, 1)`` (default 0.5).
+        batch_size: training batch size (default 512, as in the paper).
+        val_batch_size: validation batch size (default: the whole validation set in one batch).
+        seed: seed of the train/validation split.
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        dm = ModularArithmeticDataModule(operation="*", p=97, train_fraction=0.5)
+        trainer.fit(GrokTransformer(num_tokens=dm.num_tokens), datamodule=dm)
+
+    """
+
+    def __init__(
+        self,
+        operation: str = "*",
+        p: int = 97,
+        train_fraction: float = 0.5,
+        batch_size: int = 512,
+        val_batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < train_fraction < 1.0:
+            raise ValueError(f"`train_fraction` must be in (0, 1), got {train_fraction!r}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"`val_batch_size` must be >= 1 or None, got {val_batch_size!r}.")
+        self.save_hyperparameters()
+        inputs, targets = make_modular_dataset(operation, p)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(targets), generator=generator)
+        n_train = round(train_fraction * len(targets))
+        self.train_set = TensorDataset(inputs[order[:n_train]], targets[order[:n_train]])
+        self.val_set = TensorDataset(inputs[order[n_train:]], targets[order[n_train:]])
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or len(self.val_set)
+        self.seed = seed
+
+    @property
+    def num_tokens(self) -> int:
+        """Vocabulary size: ``p`` numbers plus the operator and equals tokens."""
+        return self.hparams.p + 2
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.attention_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.mlp_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, causal_mask: Tensor) -> Tensor:
+        attended, _ = self.attention(x, x, x, attn_mask=causal_mask, need_weights=False)
+        x = self.attention_norm(x + attended)
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class GrokTransformer(pl.LightningModule):
+    """The decoder-only transformer of the Grokfast paper's algorithmic-data experiments.
+
+    Token and position embeddings, ``num_layers`` post-norm decoder blocks (causal self-attention and a 4x MLP),
+    a final layer norm and a linear head; the loss and accuracy are taken on the answer (last) position.
+    Optimizer: Adam (or AdamW) with ``betas=(0.9, 0.98)`` and a linear learning-rate warm-up.
+
+    Args:
+        num_tokens: vocabulary size (``p + 2`` for :class:`ModularArithmeticDataModule`).
+        num_classes: number of answers (default ``num_tokens - 2``, i.e. ``p``).
+        dim: model width (paper: 128).
+        num_layers: decoder blocks (paper: 2).
+        num_heads: attention heads (paper: 4).
+        dropout: dropout probability (paper: 0).
+        lr: learning rate (paper: 1e-3).
+        weight_decay: weight decay (paper: 0 for the baseline, 0.005 with EMA, 0.01 with MA).
+        betas: Adam betas (paper: 0.9, 0.98).
+        warmup_steps: linear learning-rate warm-up, in optimizer steps (paper: 10).
+        optimizer: ``"adam"`` (coupled L2 weight decay, as in the paper's code) or ``"adamw"``.
+        seq_len: input length (4 for ``[x, op, y, =]``).
+
+    Example::
+
+        model = GrokTransformer(num_tokens=99)
+
+    """
+
+    def __init__(
+        self,
+        num_tokens: int = 99,
+        num_classes: int | None = None,
+        dim: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 10,
+        optimizer: str = "adam",
+        seq_len: int = 4,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adam", "adamw"):
+            raise ValueError(f"`optimizer` must be 'adam' or 'adamw', got {optimizer!r}.")
+        if dim % num_heads:
+            raise ValueError(f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
+            raise ValueError("`lr` must be > 0, `weight_decay` >= 0 and `warmup_steps` >= 0.")
+        self.save_hyperparameters()
+        num_classes = num_classes or num_tokens - 2
+        self.token_embedding = nn.Embedding(num_tokens, dim)
+        self.position_embedding = nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.register_buffer("causal_mask", torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1))
+        self.register_buffer("positions", torch.arange(seq_len))
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Logits of the answer for each ``(batch, seq_len)`` input."""
+        h = self.token_embedding(inputs) + self.position_embedding(self.positions[: inputs.shape[1]])
+        mask = self.causal_mask[: inputs.shape[1], : inputs.shape[1]]
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.head(self.final_norm(h[:, -1]))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = nn.functional.cross_entropy(logits, targets)
+        self.train_acc(logits, targets)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        logits = self(inputs)
+        self.val_acc(logits, targets)
+        self.log("val_loss", nn.functional.cross_entropy(logits, targets), prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        logits = self(inputs)
+        self.log("test_loss", nn.functional.cross_entropy(logits, targets))
+        self.log("test_acc", (logits.argmax(-1) == targets).float().mean())
+
+    def configure_optimizers(self):  # type: ignore[override]
+        optimizer_class = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(
+            self.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
+        )
+        warmup = self.hparams.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
