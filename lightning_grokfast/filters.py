@@ -413,10 +413,14 @@ class GradientFilter:
             terms.append(_Term(group.ema, 1.0, lamb_ema))
         if self.uses_ma:
             oldest = group.ma_slots[group.ma_index]
-            safe = src if finite is None else [torch.where(finite, g, o) for g, o in zip(src, oldest)]
-            torch._foreach_sub_(group.ma_sum, oldest)
-            torch._foreach_add_(group.ma_sum, safe)
-            torch._foreach_copy_(oldest, safe)
+            if finite is None:
+                torch._foreach_sub_(group.ma_sum, oldest)
+                torch._foreach_add_(group.ma_sum, src)
+                torch._foreach_copy_(oldest, src)
+            else:  # a skipped step adds an exact zero and rewrites the slot with itself
+                safe = [torch.where(finite, g, o) for g, o in zip(src, oldest)]
+                torch._foreach_add_(group.ma_sum, torch._foreach_sub(safe, oldest))
+                torch._foreach_copy_(oldest, safe)
             group.ma_index = (group.ma_index + 1) % self.window_size
             group.ma_count = min(group.ma_count + 1, self.window_size)
             group.ma_steps_since_resum += 1

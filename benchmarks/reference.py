@@ -1,0 +1,155 @@
+"""The Grokfast filters as the paper publishes them, written from its description for benchmarking.
+
+These are deliberately the straightforward algorithms of the paper (arXiv 2405.20233, Algorithms 1 and 2), not
+fast ones: one Python iteration per parameter, a fresh tensor for every intermediate, and a moving average that
+keeps ``window_size`` raw gradients per parameter and adds all of them up again at every step. They are the
+yardstick for ``lightning_grokfast.filters.GradientFilter`` (same numbers, less work) in ``benchmarks/overhead.py``
+and in ``tests/test_benchmarks.py``.
+
+Both functions take the model and the filter state of the previous call (``None`` on the first call), update
+``p.grad`` of every parameter that has one by *rebinding* it to a new tensor (the raw gradient object is left
+untouched, so a window may hold it), and return the new state::
+
+    state = None
+    for batch in data:
+        loss(model, batch).backward()
+        state = gradfilter_ema_reference(model, state, alpha=0.98, lamb=2.0)
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+EmaState = dict[str, Tensor]
+MaState = dict[str, deque[Tensor]]
+
+
+def _parameters_with_grad(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+
+
+@torch.no_grad()
+def gradfilter_ema_reference(
+    model: nn.Module, state: EmaState | None = None, alpha: float = 0.98, lamb: float = 2.0
+) -> EmaState:
+    """EMA filter, one parameter at a time: ``m <- alpha * m + (1 - alpha) * g`` then ``g <- g + lamb * m``.
+
+    The average starts at the first gradient (the first update is ``alpha * g + (1 - alpha) * g``).
+
+    Args:
+        model: the module whose ``p.grad`` are filtered (rebound to new tensors).
+        state: the dict returned by the previous call, or ``None`` on the first call.
+        alpha: EMA momentum.
+        lamb: amplification of the slow component.
+
+    Returns:
+        The updated state: parameter name -> slow gradient.
+
+    """
+    named = _parameters_with_grad(model)
+    if state is None:
+        state = {name: p.grad.detach() for name, p in named}
+    for name, p in named:
+        grad = p.grad.detach()
+        state[name] = state[name] * alpha + grad * (1.0 - alpha)
+        p.grad = grad + state[name] * lamb
+    return state
+
+
+@torch.no_grad()
+def gradfilter_ma_reference(
+    model: nn.Module,
+    state: MaState | None = None,
+    window_size: int = 100,
+    lamb: float = 5.0,
+    filter_type: str = "mean",
+    warmup: bool = True,
+) -> MaState:
+    """Windowed moving-average filter: keep the last ``window_size`` gradients, re-sum them at every step.
+
+    Args:
+        model: the module whose ``p.grad`` are filtered (rebound to new tensors).
+        state: the dict returned by the previous call, or ``None`` on the first call.
+        window_size: number of gradients kept per parameter.
+        lamb: amplification of the slow component.
+        filter_type: ``"mean"`` (divide the window's sum by its length) or ``"sum"``.
+        warmup: add nothing until the window is full.
+
+    Returns:
+        The updated state: parameter name -> deque of the raw gradients in the window (the gradient tensors
+        themselves, not copies).
+
+    Raises:
+        ValueError: If ``filter_type`` is neither ``"mean"`` nor ``"sum"``.
+
+    """
+    if filter_type not in ("mean", "sum"):
+        raise ValueError(f"`filter_type` must be 'mean' or 'sum', got {filter_type!r}.")
+    named = _parameters_with_grad(model)
+    if state is None:
+        state = {name: deque(maxlen=window_size) for name, _ in named}
+    for name, p in named:
+        window = state[name]
+        window.append(p.grad.detach())
+        if warmup and len(window) < window_size:
+            continue
+        total = sum(window)  # O(window) additions, every step, as published
+        slow = total / len(window) if filter_type == "mean" else total
+        p.grad = p.grad.detach() + slow * lamb
+    return state
+
+
+def reference_state_bytes(state: EmaState | MaState | None) -> int:
+    """Bytes held by a reference filter's state (each distinct tensor storage counted once)."""
+    if not state:
+        return 0
+    seen: dict[int, int] = {}
+    for value in state.values():
+        for tensor in value if isinstance(value, deque) else (value,):
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class ReferenceGrokfastCallback(Callback):
+    """Runs a reference filter in ``on_before_optimizer_step`` (what the paper's loop does after ``backward``).
+
+    Args:
+        filter: ``"ema"`` or ``"ma"``.
+        **kwargs: passed to :func:`gradfilter_ema_reference` or :func:`gradfilter_ma_reference`.
+
+    Raises:
+        ValueError: If ``filter`` is unknown.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ReferenceGrokfastCallback("ma", window_size=100, lamb=5.0)])
+
+    """
+
+    def __init__(self, filter: str = "ema", **kwargs: Any) -> None:
+        if filter not in ("ema", "ma"):
+            raise ValueError(f"`filter` must be 'ema' or 'ma', got {filter!r}.")
+        self.filter = filter
+        self.kwargs = kwargs
+        self.state: EmaState | MaState | None = None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self.filter == "ema":
+            self.state = gradfilter_ema_reference(pl_module, self.state, **self.kwargs)  # type: ignore[arg-type]
+        else:
+            self.state = gradfilter_ma_reference(pl_module, self.state, **self.kwargs)  # type: ignore[arg-type]
+
+    def state_bytes(self) -> int:
+        """Bytes of filter state currently held."""
+        return reference_state_bytes(self.state)

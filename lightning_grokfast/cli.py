@@ -1,0 +1,188 @@
+"""The ``lightning-grokfast`` command: a :class:`~lightning.pytorch.cli.LightningCLI` with Grokfast built in.
+
+``lightning-grokfast fit --config configs/ema.yaml`` trains the built-in modular-arithmetic task
+(:class:`~lightning_grokfast.tasks.GrokTransformer` on :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`)
+with the Grokfast EMA filter and the grokking dashboard. Besides LightningCLI's own ``trainer``/``model``/``data``
+groups, the parser has three callback groups:
+
+* ``grokfast``: :class:`~lightning_grokfast.GrokfastCallback` (``--grokfast.filter ma --grokfast.lamb 5``), on by
+  default; ``--grokfast.enabled false`` turns the filter off (the baseline).
+* ``dashboard``: :class:`~lightning_grokfast.GrokkingDashboardCallback`, on by default
+  (``--dashboard.enabled false`` leaves it out).
+* ``detector``: :class:`~lightning_grokfast.GrokkingDetectorCallback`, off by default
+  (``--detector.enabled true --detector.lambda_boost 1.5``).
+
+The same callbacks can instead be listed under ``trainer.callbacks`` in ``class_path`` form, as in any
+LightningCLI YAML; a callback given there replaces the group's default one (configuring both raises).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_grokfast.callback import GrokfastCallback
+from lightning_grokfast.dashboard import GrokkingDashboardCallback
+from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
+
+#: Trainer defaults of ``lightning-grokfast`` for the built-in task: validation every epoch (about 10 optimizer
+#: steps at batch size 512), logging every 10 steps, and a step budget in which the Grokfast configs grok.
+TASK_TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "max_steps": 3000,
+    "log_every_n_steps": 10,
+    "check_val_every_n_epoch": 1,
+}
+
+
+def _detector_class() -> type[Callback] | None:
+    """The grokking detector callback class, or ``None`` where this installation has none."""
+    try:
+        from lightning_grokfast.detector import GrokkingDetectorCallback
+    except ImportError:
+        return None
+    return GrokkingDetectorCallback
+
+
+class GrokfastCLI(LightningCLI):
+    r"""LightningCLI with the ``grokfast``, ``dashboard`` and ``detector`` argument groups.
+
+    ``lightning-grokfast`` is this class with the built-in modular-arithmetic task. Give it your own LightningModule
+    and LightningDataModule to get the same groups, configs and dashboard for your model. When the model takes a
+    ``num_tokens`` argument and the datamodule has a ``num_tokens`` attribute, ``data.num_tokens`` is linked to
+    ``model.num_tokens``.
+
+    Args:
+        model_class: the LightningModule (default: :class:`~lightning_grokfast.tasks.GrokTransformer`).
+        datamodule_class: the LightningDataModule (default:
+            :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`).
+        \*args: further positional arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
+        seed_everything_default: seed used unless ``--seed_everything`` says otherwise (default 0: runs repeat).
+        \**kwargs: further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI` (``args``, ``run``,
+            ``trainer_defaults``, ...).
+
+    Raises:
+        MisconfigurationException: If a callback is configured both through its group and in ``trainer.callbacks``.
+
+    Example::
+
+        # my_cli.py; then: python my_cli.py fit --grokfast.lamb 5 --trainer.max_steps 1000
+        from lightning_grokfast.cli import GrokfastCLI
+
+        if __name__ == "__main__":
+            GrokfastCLI(MyModel, MyDataModule)
+
+    """
+
+    def __init__(
+        self,
+        model_class: type[LightningModule] | Any = GrokTransformer,
+        datamodule_class: type[LightningDataModule] | Any = ModularArithmeticDataModule,
+        *args: Any,
+        seed_everything_default: bool | int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model_class, datamodule_class, *args, seed_everything_default=seed_everything_default, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(GrokfastCallback, "grokfast")
+        _add_switchable_callback_args(parser, GrokkingDashboardCallback, "dashboard", enabled=True)
+        detector = _detector_class()
+        if detector is not None:
+            _add_switchable_callback_args(parser, detector, "detector", enabled=False)
+        if _takes_num_tokens(self.model_class) and hasattr(self.datamodule_class, "num_tokens"):
+            parser.link_arguments("data.num_tokens", "model.num_tokens", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = [c for c in (trainer_config.get("callbacks") or []) if isinstance(c, Callback)]
+        extra: list[Callback] = []
+
+        grokfast = self._get(self.config_init, "grokfast")
+        if not any(isinstance(c, GrokfastCallback) for c in listed):
+            extra.append(grokfast)
+        elif grokfast.enabled and self._group_changed("grokfast"):
+            raise MisconfigurationException(
+                "GrokfastCallback is configured twice: in `trainer.callbacks` and with the `grokfast` group"
+                " (`--grokfast.*`). Keep one, or set `grokfast.enabled: false`."
+            )
+
+        switchable = [("dashboard", GrokkingDashboardCallback), ("detector", _detector_class())]
+        for key, callback_class in switchable:
+            group = self._get(self.config_init, key)
+            if callback_class is None or group is None or not group.get("enabled"):
+                continue
+            if any(isinstance(c, callback_class) for c in listed):
+                if self._group_changed(key, ignore=("enabled",)):
+                    raise MisconfigurationException(
+                        f"{callback_class.__name__} is configured twice: in `trainer.callbacks` and with the `{key}`"
+                        f" group (`--{key}.*`). Keep one."
+                    )
+                continue
+            init_args = {k: v for k, v in group.items() if k != "enabled"}
+            extra.append(callback_class(**init_args))
+        return self._instantiate_trainer(trainer_config, extra)
+
+    def _group_changed(self, key: str, ignore: tuple[str, ...] = ()) -> bool:
+        """Whether the parsed config of argument group ``key`` differs from the group's defaults."""
+        defaults = self._parser(self.subcommand).get_defaults().get(key)
+        given = self._get(self.config, key)
+        if defaults is None or given is None:
+            return False
+        names = (set(vars(defaults)) | set(vars(given))) - set(ignore)
+        return any(defaults.get(name) != given.get(name) for name in names)
+
+
+def _add_switchable_callback_args(
+    parser: LightningArgumentParser, callback_class: type[Callback], key: str, enabled: bool
+) -> None:
+    """Add the init arguments of ``callback_class`` under ``key``, plus a ``--{key}.enabled`` switch.
+
+    Unlike ``add_lightning_class_args`` (whose callback is always instantiated), the group is not instantiated by
+    the parser: :meth:`GrokfastCLI.instantiate_trainer` builds the callback only when the switch is on.
+    """
+    parser.add_class_arguments(callback_class, key, instantiate=False, fail_untyped=False, sub_configs=True)
+    parser.add_argument(
+        f"--{key}.enabled",
+        type=bool,
+        default=enabled,
+        help=f"Whether to add {callback_class.__name__} to the trainer's callbacks.",
+    )
+
+
+def _takes_num_tokens(model_class: Any) -> bool:
+    try:
+        return "num_tokens" in inspect.signature(model_class).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-grokfast`` console script (the built-in modular-arithmetic task).
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``), e.g. ``["fit", "--config", "configs/ema.yaml"]``.
+
+    Example::
+
+        $ lightning-grokfast fit --config configs/ema.yaml
+        $ lightning-grokfast fit --grokfast.filter ma --grokfast.lamb 5 --model.weight_decay 0.01
+        $ lightning-grokfast fit --print_config
+
+    """
+    GrokfastCLI(
+        GrokTransformer,
+        ModularArithmeticDataModule,
+        trainer_defaults=TASK_TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train the built-in grokking task with Grokfast (arXiv 2405.20233)."},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Real 2-process CPU DDP (gloo): every rank holds the same filter state as a single process on the global batch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_grokfast import GradientFilter, GrokfastCallback
+from tests.helpers import TinyModel, make_data, trainer
+
+STEPS = 5
+PER_RANK_BATCH = 4
+
+
+class CheckAgainstSingleProcess(Callback):
+    """Runs inside each DDP worker: compares the filter state across ranks and with a one-process reference."""
+
+    def __init__(self, out_dir: Path, initial: dict[str, torch.Tensor]) -> None:
+        self.out_dir, self.initial = out_dir, initial
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        grokfast = next(c for c in trainer.callbacks if isinstance(c, GrokfastCallback))
+        state = grokfast.filters[0].state_dict()["params"]
+        for name, entry in state.items():
+            gathered = trainer.strategy.all_gather(entry["ema"])
+            assert torch.equal(gathered[0], gathered[1]), f"ranks disagree on {name}"
+            expected = self.single_process_state()[name]
+            torch.testing.assert_close(entry["ema"], expected, atol=1e-6, rtol=1e-5, msg=f"{name} differs")
+        (self.out_dir / f"rank{trainer.global_rank}.ok").write_text("checked")
+
+    def single_process_state(self) -> dict[str, torch.Tensor]:
+        """The same steps in one process, each on the union of both ranks' batches (the global batch)."""
+        model = TinyModel(batch_size=2 * PER_RANK_BATCH)
+        model.load_state_dict(copy.deepcopy(self.initial))
+        optimizer = model.configure_optimizers()
+        filt = GradientFilter("ema", alpha=0.8, lamb=2.0)
+        data = make_data()
+        names = [n for n, _ in model.named_parameters()]
+        for step in range(STEPS):
+            x, y = data[step * 2 * PER_RANK_BATCH : (step + 1) * 2 * PER_RANK_BATCH]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            filt.step(names, [p.grad for p in model.parameters()])
+            optimizer.step()
+        return {n: e["ema"] for n, e in filt.state_dict()["params"].items()}
+
+
+class RankSplitModel(TinyModel):
+    """Rank r trains on examples r, r + 2, r + 4, ...: each step's two batches form one contiguous global batch."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(make_data(), num_replicas=2, rank=self.global_rank, shuffle=False)
+        return DataLoader(make_data(), batch_size=PER_RANK_BATCH, sampler=sampler)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_ranks_hold_identical_filter_state_equal_to_a_single_process_run(tmp_path: Path):
+    model = RankSplitModel()
+    initial = copy.deepcopy(model.state_dict())
+    run = trainer(
+        strategy="ddp_fork",
+        devices=2,
+        max_steps=STEPS,
+        use_distributed_sampler=False,
+        callbacks=[GrokfastCallback(filter="ema", alpha=0.8, lamb=2.0), CheckAgainstSingleProcess(tmp_path, initial)],
+    )
+    run.fit(model)
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]
