@@ -275,7 +275,7 @@ class GrokfastCallback(Callback):
         if pending is not None:
             _check_matches(pending, dict(zip(names, params)), index)
             filt.load_state_dict(pending, load_hyperparameters=False)
-            filt.to(params[0].device if params else "cpu")
+            filt.place({name: param.device for name, param in zip(names, params)})
         entry = _OptimizerEntry(index, params, tuple(names), filt)
         self._entries[id(optimizer)] = entry
         return entry
@@ -284,10 +284,10 @@ class GrokfastCallback(Callback):
         self, pl_module: pl.LightningModule, entry: _OptimizerEntry, grad_norm: Tensor | None, slow_norm: Tensor | None
     ) -> None:
         prefix = "grokfast/" if entry.index == 0 else f"grokfast/optimizer{entry.index}/"
-        metrics: dict[str, Any] = {
-            f"{prefix}lamb": self._lamb,
-            f"{prefix}skipped_steps": float(entry.filter.skipped_steps),
-        }
+        skipped: Any = float(entry.filter.skipped_steps)
+        if entry.filter._skipped_on_device is not None:  # steps skipped on the synchronization-free path
+            skipped = entry.filter._skipped_on_device.float() + skipped
+        metrics: dict[str, Any] = {f"{prefix}lamb": self._lamb, f"{prefix}skipped_steps": skipped}
         if self.filter != "ma":
             metrics[f"{prefix}alpha"] = self._alpha
         if self.filter == "ema+ma":
@@ -298,8 +298,6 @@ class GrokfastCallback(Callback):
             metrics[f"{prefix}slow_norm"] = slow_norm
             if grad_norm is not None:
                 metrics[f"{prefix}slow_to_grad_ratio"] = slow_norm / grad_norm.clamp_min(1e-30)
-        if entry.filter._skipped_on_device is not None:
-            metrics[f"{prefix}skipped_steps"] = entry.filter._skipped_on_device.float() + entry.filter.skipped_steps
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
 
     # ------------------------------------------------------------------ checkpointing

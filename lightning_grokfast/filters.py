@@ -125,7 +125,6 @@ class _Group:
     ma_slots: list[list[Tensor]] = field(default_factory=list)  # slot-major ring buffer of views
     ma_count: int = 0
     ma_index: int = 0
-    ma_steps_since_resum: int = 0
 
 
 class GradientFilter:
@@ -192,6 +191,7 @@ class GradientFilter:
         self.sync_free: bool | None = None
         self._lamb_scales: dict[str, float] = {}
         self._ema: dict[str, Tensor] = {}
+        self._ema_started: set[str] = set()
         self._ma_history: dict[str, Tensor] = {}
         self._ma_sum: dict[str, Tensor] = {}
         self._ma_count: dict[str, int] = {}
@@ -261,7 +261,7 @@ class GradientFilter:
 
     def _plan_for(self, names: tuple[str, ...], grads: Sequence[Tensor]) -> list[_Group]:
         """The groups for this set of names, rebuilt only when the set changes."""
-        if names == self._plan_key:
+        if names is self._plan_key or names == self._plan_key:
             return self._plan
         self._flush()
         by_key: dict[tuple[Any, ...], _Group] = {}
@@ -287,9 +287,11 @@ class GradientFilter:
         """Point the group's lists at the per-name state tensors, creating them for new names."""
         fresh = []
         for name, grad in zip(group.names, grads):
+            if grad.is_sparse:
+                raise ValueError(f"Sparse gradients are not supported (parameter {name!r}).")
             if self.uses_ema:
                 slow = self._ema.get(name)
-                fresh.append(slow is None)
+                fresh.append(name not in self._ema_started)
                 if slow is None:
                     slow = self._ema[name] = torch.zeros_like(grad, dtype=group.state_dtype)
                 self._check_shape(name, slow, grad)
@@ -357,7 +359,7 @@ class GradientFilter:
         if not grads:
             return StepInfo(finite=torch.ones((), dtype=torch.bool))
         plan = self._plan_for(tuple(names), grads)
-        group_grads = [[grads[p] for p in group.positions] for group in plan]
+        group_grads = [list(grads)] if len(plan) == 1 else [[grads[p] for p in group.positions] for group in plan]
 
         raw_norms = None
         if found_inf is None or compute_norms:
@@ -408,6 +410,7 @@ class GradientFilter:
             if group.ema_weights is not None:  # first gradient of some names: the EMA starts at it
                 torch._foreach_lerp_(group.ema, safe, group.ema_weights)
                 group.ema_weights = None
+                self._ema_started.update(group.names)
             else:
                 torch._foreach_lerp_(group.ema, safe, 1.0 - self._alpha)
             terms.append(_Term(group.ema, 1.0, lamb_ema))
@@ -423,8 +426,7 @@ class GradientFilter:
                 torch._foreach_copy_(oldest, safe)
             group.ma_index = (group.ma_index + 1) % self.window_size
             group.ma_count = min(group.ma_count + 1, self.window_size)
-            group.ma_steps_since_resum += 1
-            if group.ma_steps_since_resum >= self.resum_every:
+            if self.steps % self.resum_every == 0:  # a schedule that survives checkpoints
                 self._resum(group)
             if not (self.warmup and group.ma_count < self.window_size):
                 unit = 1.0 / group.ma_count if self.filter_type == "mean" else 1.0
@@ -437,7 +439,6 @@ class GradientFilter:
         torch._foreach_zero_(group.ma_sum)
         for slot in group.ma_slots:
             torch._foreach_add_(group.ma_sum, slot)
-        group.ma_steps_since_resum = 0
 
     def _amplify(self, grads: list[Tensor], terms: list[_Term], same_dtype: bool) -> None:
         """``g <- g + sum(lamb * unit * state)``, divided by ``1 + sum(lamb)`` with ``normalize``."""
@@ -462,6 +463,7 @@ class GradientFilter:
         """Forget all state (the next gradient starts the filters afresh)."""
         self._plan_key, self._plan = None, []
         self._ema.clear()
+        self._ema_started.clear()
         self._ma_history.clear()
         self._ma_sum.clear()
         self._ma_count.clear()
@@ -484,6 +486,7 @@ class GradientFilter:
             entry: dict[str, Any] = {}
             if name in self._ema:
                 entry["ema"] = self._ema[name].detach().clone()
+                entry["ema_started"] = name in self._ema_started
             if name in self._ma_history:
                 entry["ma_history"] = self._ma_history[name].detach().clone()
                 entry["ma_sum"] = self._ma_sum[name].detach().clone()
@@ -530,6 +533,8 @@ class GradientFilter:
         for name, entry in state["params"].items():
             if "ema" in entry:
                 self._ema[name] = entry["ema"].clone()
+                if entry.get("ema_started", True):
+                    self._ema_started.add(name)
             if "ma_history" in entry:
                 self._ma_history[name] = entry["ma_history"].clone()
                 self._ma_sum[name] = entry["ma_sum"].clone()
@@ -546,12 +551,13 @@ class GradientFilter:
         shapes.update({name: tuple(t.shape[1:]) for name, t in self._ma_history.items()})
         return shapes
 
-    def to(self, device: torch.device | str) -> GradientFilter:
-        """Move all state to ``device`` (used after loading a checkpoint)."""
+    def place(self, devices: dict[str, torch.device]) -> GradientFilter:
+        """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint)."""
         self._flush()
         for store in (self._ema, self._ma_history, self._ma_sum):
             for name, tensor in store.items():
-                store[name] = tensor.to(device)
+                if name in devices:
+                    store[name] = tensor.to(devices[name])
         return self
 
     def state_bytes(self) -> int:

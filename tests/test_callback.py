@@ -291,7 +291,7 @@ def test_statistics_are_logged_only_on_logging_steps(tmp_path: Path):
 
 @pytest.mark.parametrize("kind", ["ema", "ma", "ema+ma"])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path: Path, kind):
-    kwargs = dict(filter=kind, alpha=0.8, lamb=2.0, window_size=4, ma_lamb=1.0)
+    kwargs = dict(filter=kind, alpha=0.8, lamb=2.0, window_size=4, ma_lamb=1.0, resum_every=5)
     straight = TinyModel(optimizer="adam", lr=0.01)
     trainer(max_epochs=2, callbacks=[GrokfastCallback(**kwargs)]).fit(straight)  # 6 batches an epoch
 
@@ -368,3 +368,25 @@ def test_resuming_filter_state_into_a_different_model_names_the_mismatch(tmp_pat
 def test_bad_arguments_are_refused_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GrokfastCallback(**kwargs)
+
+
+class SkipsBackwardAt(TinyModel):
+    """Returns None (no backward) at one batch: the optimizer step happens with no gradients."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+def test_step_without_gradients_leaves_the_filter_alone():
+    callback = GrokfastCallback(filter="ema")
+    trainer(max_steps=4, callbacks=[callback]).fit(SkipsBackwardAt())
+    assert callback.filters[0].steps == 3
+
+
+def test_bf16_true_parameters_keep_float32_filter_state():
+    callback = GrokfastCallback(filter="ema")
+    model = TinyModel()
+    trainer(max_steps=3, precision="bf16-true", callbacks=[callback]).fit(model)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    state = callback.filters[0].state_dict()["params"]
+    assert {entry["ema"].dtype for entry in state.values()} == {torch.float32}
