@@ -108,6 +108,18 @@ def gradfilter_ma_reference(
     return state
 
 
+def prefilled_ma_state(model: nn.Module, window_size: int) -> MaState:
+    """A moving-average state whose windows are already full of zero gradients (distinct tensors).
+
+    For timing the steady state of :func:`gradfilter_ma_reference` without first running ``window_size`` steps.
+    """
+    return {
+        name: deque((torch.zeros_like(p) for _ in range(window_size)), maxlen=window_size)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
 def reference_state_bytes(state: EmaState | MaState | None) -> int:
     """Bytes held by a reference filter's state (each distinct tensor storage counted once)."""
     if not state:
@@ -124,6 +136,7 @@ class ReferenceGrokfastCallback(Callback):
 
     Args:
         filter: ``"ema"`` or ``"ma"``.
+        prefill: start the moving average with a full window of zeros (to time the steady state at once).
         **kwargs: passed to :func:`gradfilter_ema_reference` or :func:`gradfilter_ma_reference`.
 
     Raises:
@@ -135,16 +148,22 @@ class ReferenceGrokfastCallback(Callback):
 
     """
 
-    def __init__(self, filter: str = "ema", **kwargs: Any) -> None:
+    def __init__(self, filter: str = "ema", prefill: bool = False, **kwargs: Any) -> None:
         if filter not in ("ema", "ma"):
             raise ValueError(f"`filter` must be 'ema' or 'ma', got {filter!r}.")
         self.filter = filter
+        self.prefill = prefill
         self.kwargs = kwargs
+        self.enabled = True
         self.state: EmaState | MaState | None = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if not self.enabled:
+            return
+        if self.state is None and self.prefill and self.filter == "ma":
+            self.state = prefilled_ma_state(pl_module, self.kwargs.get("window_size", 100))
         if self.filter == "ema":
             self.state = gradfilter_ema_reference(pl_module, self.state, **self.kwargs)  # type: ignore[arg-type]
         else:

@@ -19,6 +19,7 @@ LightningCLI YAML; a callback given there replaces the group's default one (conf
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -80,13 +81,17 @@ class GrokfastCLI(LightningCLI):
 
     def __init__(
         self,
-        model_class: type[LightningModule] | Any = GrokTransformer,
-        datamodule_class: type[LightningDataModule] | Any = ModularArithmeticDataModule,
+        model_class: type[LightningModule] | Callable[..., LightningModule] | None = GrokTransformer,
+        datamodule_class: type[LightningDataModule] | Callable[..., LightningDataModule] | None = (
+            ModularArithmeticDataModule
+        ),
         *args: Any,
         seed_everything_default: bool | int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_class, datamodule_class, *args, seed_everything_default=seed_everything_default, **kwargs)
+        super().__init__(
+            model_class, datamodule_class, *args, seed_everything_default=seed_everything_default, **kwargs
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GrokfastCallback, "grokfast")
@@ -99,7 +104,8 @@ class GrokfastCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        listed = [c for c in (trainer_config.get("callbacks") or []) if isinstance(c, Callback)]
+        listed = trainer_config.get("callbacks") or []
+        listed = [listed] if isinstance(listed, Callback) else list(listed)
         extra: list[Callback] = []
 
         grokfast = self._get(self.config_init, "grokfast")

@@ -120,8 +120,10 @@ def plot_grokking(
         train_values: training accuracy per step.
         val_steps: optimizer step of each validation accuracy.
         val_values: validation accuracy.
-        mark_steps: ``{mark: first step the validation accuracy reached it}``; drawn as dashed vertical lines.
-        transitions: ``(step, phase name)`` of the grokking phase transitions; drawn as dotted vertical lines.
+        mark_steps: ``{mark: first step the validation accuracy reached it}``; drawn as dashed vertical lines
+            named in the legend.
+        transitions: ``(step, phase name)`` of the grokking phase transitions; drawn as dotted vertical lines
+            named in the legend.
         title: figure title (default: the step at which the highest reached mark was first met).
 
     Returns:
@@ -143,37 +145,22 @@ def plot_grokking(
     if val:
         axes.plot(*zip(*val), color="tab:red", linewidth=1.6, label="validation accuracy")
     mark_steps = mark_steps or {}
-    for mark, step in sorted(mark_steps.items()):
-        if step is not None and step > 0:
-            axes.axvline(step, color="gray", linestyle="--", linewidth=0.9)
-            axes.annotate(
-                f"val {mark:g} @ {step}",
-                xy=(step, mark),
-                xytext=(4, -12),
-                textcoords="offset points",
-                fontsize=8,
-                color="dimgray",
-            )
-    for step, phase in transitions:
-        if step > 0:
-            axes.axvline(step, color="tab:green", linestyle=":", linewidth=1.2)
-            axes.annotate(
-                phase,
-                xy=(step, 0.02),
-                xytext=(3, 0),
-                textcoords="offset points",
-                rotation=90,
-                fontsize=8,
-                color="tab:green",
-                va="bottom",
-            )
+    reached_marks = sorted((mark, step) for mark, step in mark_steps.items() if step is not None and step > 0)
+    for i, (mark, step) in enumerate(reached_marks):
+        shade = 0.75 - 0.55 * (i + 1) / len(reached_marks)  # darker for higher marks
+        axes.axvline(step, color=str(shade), linestyle="--", linewidth=1.0, label=f"validation {mark:g} at step {step}")
+    phase_colors = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink")
+    for i, (step, phase) in enumerate(t for t in transitions if t[0] > 0):
+        axes.axvline(
+            step, color=phase_colors[i % len(phase_colors)], linestyle=":", linewidth=1.4, label=f"{phase} @ {step}"
+        )
     if train or val:
         axes.set_xscale("log")
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("optimizer step (log scale)")
     axes.set_ylabel("accuracy")
     axes.grid(True, which="both", alpha=0.25)
-    if train or val:
+    if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="upper left", fontsize=8)
     if title is None:
         reached = [(m, s) for m, s in mark_steps.items() if s is not None]
@@ -204,7 +191,7 @@ def total_weight_norm(module: torch.nn.Module) -> Tensor:
 
 
 def _find_detector(trainer: pl.Trainer) -> Callback | None:
-    """The grokking detector among the trainer's callbacks, found by what it offers (``transitions``, ``mark_steps``)."""
+    """The grokking detector among the callbacks, found by what it offers (``transitions``, ``mark_steps``)."""
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if hasattr(callback, "transitions") and hasattr(callback, "mark_steps"):
             return callback
@@ -359,12 +346,14 @@ class GrokkingDashboardCallback(Callback):
                         )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer)
+        tensorboard = _tensorboard_loggers(trainer)
+        # `trainer.log_dir` is a collective call: every rank makes it
+        self._finish(trainer, tensorboard[0].log_dir if tensorboard else trainer.log_dir)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # an interrupted run (Ctrl-C) still gets its figure
+        # an interrupted run (Ctrl-C) still gets its figure; no collective call here, the other ranks may be gone
         if isinstance(exception, KeyboardInterrupt):
-            self._finish(trainer)
+            self._finish(trainer, _local_log_dir(trainer))
 
     # ------------------------------------------------------------------ internals
     def _flush_train(self) -> list[float]:
@@ -378,10 +367,9 @@ class GrokkingDashboardCallback(Callback):
         self.train_values.extend(values)
         return values
 
-    def _finish(self, trainer: pl.Trainer) -> None:
+    def _finish(self, trainer: pl.Trainer, directory: str | None) -> None:
         self._flush_train()
         tensorboard = _tensorboard_loggers(trainer)
-        directory = tensorboard[0].log_dir if tensorboard else trainer.log_dir  # trainer.log_dir: all ranks
         if not trainer.is_global_zero or not (self.train_steps or self.val_steps):
             return
         detector = _find_detector(trainer)
@@ -438,3 +426,13 @@ class GrokkingDashboardCallback(Callback):
 
 def _tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def _local_log_dir(trainer: pl.Trainer) -> str | None:
+    """Where the figure goes, like ``trainer.log_dir`` but without its broadcast."""
+    tensorboard = _tensorboard_loggers(trainer)
+    if tensorboard:
+        return tensorboard[0].log_dir
+    if trainer.loggers:
+        return getattr(trainer.loggers[0], "log_dir", None) or trainer.loggers[0].save_dir
+    return trainer.default_root_dir

@@ -111,10 +111,12 @@ class GrokkingStateMachine:
     - ``"memorizing"``: the train metric is ``>= memorization_threshold`` while the validation metric trails it by
       more than ``convergence_gap``.
     - ``"grokking"``: during memorization the validation metric jumped: it rose by at least ``jump_threshold``
-      above its lowest value within the last ``jump_window`` steps (or evaluations). The previous evaluation
-      always counts as inside the window, so a jump is seen however rarely validation runs, and a rise spread
-      over several evaluations is seen as soon as the window's total reaches the threshold, however often
-      validation runs. Fluctuations smaller than ``jump_threshold`` are never a jump.
+      above its lowest value within the last ``jump_window`` steps (or evaluations), counting only evaluations
+      made while memorizing. The previous evaluation always counts as inside the window, so a jump is seen
+      however rarely validation runs, and a rise spread over several evaluations is seen as soon as the window's
+      total reaches the threshold, however often validation runs. Fluctuations smaller than ``jump_threshold``
+      are never a jump, and neither is a rise that happens while the train metric is still rising (before
+      memorization).
     - ``"converged"``: the train metric is ``>= memorization_threshold`` and ``train - val <= convergence_gap`` at
       ``patience`` consecutive evaluations. Reached from any earlier phase (e.g. a slow rise that never jumped).
 
@@ -248,9 +250,6 @@ class GrokkingStateMachine:
         previous_val = self._window[-1][1] if self._window else None
         self._last_step = step
         self._evaluations += 1
-
-        window_low = self._lowest_in_window(step)
-        self._push(step, val)
         gap = None if train is None else train - val
         self._last_gap = gap
 
@@ -264,27 +263,33 @@ class GrokkingStateMachine:
         small_gap = train_high and gap is not None and gap <= self.convergence_gap
         if self._phase == WARMING_UP and train_high and not small_gap:
             enter(MEMORIZING, previous_val)
-        if self._phase == MEMORIZING and window_low is not None and val - window_low >= self.jump_threshold:
-            enter(GROKKING, window_low)
+        memorizing_since = self.step_of(MEMORIZING)  # None if entered just now: no earlier memorizing evaluation
+        if self._phase == MEMORIZING and memorizing_since is not None:
+            window_low = self._lowest_in_window(step, memorizing_since)
+            if window_low is not None and val - window_low >= self.jump_threshold:
+                enter(GROKKING, window_low)
         self._small_gap_count = self._small_gap_count + 1 if small_gap else 0
         if self._phase != CONVERGED and self._small_gap_count >= self.patience:
             enter(CONVERGED, previous_val)
         self._transitions.extend(transitions)
+        self._push(step, val)
 
         reached = tuple(m for m in self.marks if m not in self._mark_steps and val >= m)
         for mark in reached:
             self._mark_steps[mark] = step
         return DetectorUpdate(step, self._phase, gap, tuple(transitions), reached)
 
-    def _lowest_in_window(self, step: int) -> float | None:
-        """Lowest validation value among the earlier evaluations inside the window (the previous always is)."""
+    def _lowest_in_window(self, step: int, since: int) -> float | None:
+        """Lowest validation value of the earlier evaluations inside the window (the previous one always is) that
+        were made at or after step ``since`` (while memorizing)."""
         if not self._window:
             return None
         if self.jump_window_unit == "steps":
-            inside = [v for s, v in self._window if s >= step - self.jump_window]
+            inside = [(s, v) for s, v in self._window[:-1] if s >= step - self.jump_window]
         else:
-            inside = [v for _, v in self._window[-self.jump_window :]]
-        return min(inside, default=self._window[-1][1])
+            inside = self._window[-self.jump_window : -1]
+        inside.append(self._window[-1])
+        return min((v for s, v in inside if s >= since), default=None)
 
     def _push(self, step: int, val: float) -> None:
         self._window.append((step, val))
@@ -359,6 +364,8 @@ class GrokkingDetectorCallback(Callback):
     - with ``adaptive_alpha``: after every validation, sets the GrokfastCallback's ``alpha`` to
       ``alpha_0 * exp(-kappa * s)``, ``s`` being the grokking signal (default :func:`default_grokking_signal`
       of the train and validation losses, clipped at 0).
+
+    The phases and how a jump is recognised are described in :class:`GrokkingStateMachine`.
 
     **Which values are read.** Metric names are looked up in ``trainer.callback_metrics``; a plain name that is
     missing falls back to ``<name>_epoch``, then ``<name>_step`` (``self.log(..., on_step=True, on_epoch=True)``).

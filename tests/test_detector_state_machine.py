@@ -49,15 +49,16 @@ def test_clean_grokking_curve_goes_through_every_phase_in_order():
 
 
 def test_transitions_record_the_step_at_which_they_happened():
-    machine = feed(GrokkingStateMachine(patience=3), range(10, 2001, 10))
-    steps = {t.phase: t.step for t in machine.transitions}
-    assert steps["memorizing"] == 270  # first evaluation with train >= 0.9
-    # the first evaluation at which val rose by >= 0.2 above its lowest value of the last 1000 steps
-    first_jump = next(s for s in range(10, 2001, 10) if grokking_curve(s) - grokking_curve(0) >= 0.2)
-    assert steps["grokking"] == first_jump
+    steps = range(10, 2001, 10)
+    machine = feed(GrokkingStateMachine(patience=3), steps)
+    entered = {t.phase: t.step for t in machine.transitions}
+    assert entered["memorizing"] == 270  # first evaluation with train >= 0.9
+    # first evaluation at which val rose by >= 0.2 above its lowest value since memorization (curve is increasing)
+    first_jump = next(s for s in steps if s > 270 and grokking_curve(s) - grokking_curve(max(270, s - 1000)) >= 0.2)
+    assert entered["grokking"] == first_jump
     # the third consecutive evaluation with 1 - val <= 0.05
-    first_small_gap = next(s for s in range(10, 2001, 10) if 1.0 - grokking_curve(s) <= 0.05)
-    assert steps["converged"] == first_small_gap + 20
+    first_small_gap = next(s for s in steps if 1.0 - grokking_curve(s) <= 0.05)
+    assert entered["converged"] == first_small_gap + 20
     assert machine.step_of("grokking") == first_jump
 
 
@@ -65,7 +66,7 @@ def test_grokking_transition_holds_the_values_before_and_after_the_jump():
     machine = feed(GrokkingStateMachine(), range(10, 2001, 10))
     grokking = next(t for t in machine.transitions if t.phase == "grokking")
     assert grokking.previous == "memorizing"
-    assert grokking.val_before == pytest.approx(grokking_curve(10))  # lowest value inside the window
+    assert grokking.val_before == pytest.approx(grokking_curve(270))  # lowest value since memorization began
     assert grokking.val_after == pytest.approx(grokking_curve(grokking.step))
     assert grokking.val_after - grokking.val_before >= 0.2
     assert grokking.train == 1.0
@@ -85,6 +86,25 @@ def test_a_rise_during_warm_up_is_not_grokking():
     machine.update(20, 0.5, 0.6)
     assert machine.phase == "warming_up"
     assert not machine.grokked
+
+
+def test_a_rise_at_the_evaluation_that_enters_memorizing_is_not_grokking():
+    machine = GrokkingStateMachine(jump_threshold=0.2)
+    machine.update(10, 0.0, 0.5)
+    machine.update(20, 0.5, 1.0)  # train and validation rose together: ordinary learning
+    assert machine.phase == "memorizing"
+    assert not machine.grokked
+
+
+def test_the_jump_is_measured_from_the_lowest_value_since_memorization_began():
+    machine = GrokkingStateMachine(jump_threshold=0.2)
+    machine.update(10, 0.0, 0.5)
+    machine.update(20, 0.3, 1.0)  # enters memorizing at 0.3
+    machine.update(30, 0.45, 1.0)  # 0.45 above the warm-up value, only 0.15 above the memorizing one
+    assert not machine.grokked
+    machine.update(40, 0.5, 1.0)
+    assert machine.step_of("grokking") == 40
+    assert machine.transitions[-1].val_before == 0.3
 
 
 def test_converged_needs_patience_consecutive_small_gaps():
@@ -117,15 +137,15 @@ def test_noisy_curve_without_grokking_never_detects_a_jump():
 
 def test_a_rise_spread_over_several_evaluations_inside_the_window_is_a_jump():
     machine = GrokkingStateMachine(jump_threshold=0.5, jump_window=100)
-    steps_and_vals = [(10, 0.0), (20, 0.125), (30, 0.25), (40, 0.375), (50, 0.5)]  # 0.125 per evaluation
+    steps_and_vals = [(10, 0.0), (20, 0.125), (30, 0.25), (40, 0.375), (50, 0.5), (60, 0.625)]  # 0.125 each
     for step, val in steps_and_vals:
         machine.update(step, val, 1.0)
-    assert machine.step_of("grokking") == 50
+    assert machine.step_of("grokking") == 50  # 0.5 above the value at step 10, four evaluations earlier
 
 
 def test_a_rise_spread_beyond_the_window_is_not_a_jump():
     machine = GrokkingStateMachine(jump_threshold=0.5, jump_window=30)
-    for step, val in [(10, 0.0), (20, 0.125), (30, 0.25), (40, 0.375), (50, 0.5)]:
+    for step, val in [(10, 0.0), (20, 0.125), (30, 0.25), (40, 0.375), (50, 0.5), (60, 0.625)]:
         machine.update(step, val, 1.0)
     assert not machine.grokked
 
@@ -174,14 +194,14 @@ def test_validation_sparser_than_the_window_still_sees_the_jump():
 
 
 def test_window_in_evaluations_counts_evaluations_not_steps():
-    rising = [(1000 * k, 0.125 * k) for k in range(6)]  # 0.125 per evaluation, 1000 steps apart
+    rising = [(1000 * k, 0.125 * k) for k in range(7)]  # 0.125 per evaluation, 1000 steps apart
     short = GrokkingStateMachine(jump_threshold=0.5, jump_window=3, jump_window_unit="evaluations")
     long = GrokkingStateMachine(jump_threshold=0.5, jump_window=4, jump_window_unit="evaluations")
     for step, val in rising:
         short.update(step, val, 1.0)
         long.update(step, val, 1.0)
     assert not short.grokked
-    assert long.step_of("grokking") == 4000
+    assert long.step_of("grokking") == 4000  # 0.5 above the value at step 0, four evaluations earlier
 
 
 # ---------------------------------------------------------------------- marks
@@ -275,7 +295,7 @@ def test_state_dict_loads_with_weights_only():
     assert restored.mark_steps == machine.mark_steps
 
 
-@pytest.mark.parametrize("resume_at", [500, 1090, 1150, 1180])
+@pytest.mark.parametrize("resume_at", [500, 1050, 1150, 1200])  # memorizing, before the jump, grokking, mid-streak
 def test_resume_in_the_middle_makes_the_same_decisions(resume_at):
     steps = list(range(10, 2001, 10))
     uninterrupted = feed(GrokkingStateMachine(), steps)
