@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_grokfast.callback import GrokfastCallback
 from lightning_grokfast.dashboard import GrokkingDashboardCallback
+from lightning_grokfast.detector import GrokkingDetectorCallback
 from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
 
 #: Trainer defaults of ``lightning-grokfast`` for the built-in task: validation every epoch (about 10 optimizer
@@ -38,15 +39,6 @@ TASK_TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 10,
     "check_val_every_n_epoch": 1,
 }
-
-
-def _detector_class() -> type[Callback] | None:
-    """The grokking detector callback class, or ``None`` where this installation has none."""
-    try:
-        from lightning_grokfast.detector import GrokkingDetectorCallback
-    except ImportError:
-        return None
-    return GrokkingDetectorCallback
 
 
 class GrokfastCLI(LightningCLI):
@@ -96,9 +88,7 @@ class GrokfastCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GrokfastCallback, "grokfast")
         _add_switchable_callback_args(parser, GrokkingDashboardCallback, "dashboard", enabled=True)
-        detector = _detector_class()
-        if detector is not None:
-            _add_switchable_callback_args(parser, detector, "detector", enabled=False)
+        _add_switchable_callback_args(parser, GrokkingDetectorCallback, "detector", enabled=False)
         if _takes_num_tokens(self.model_class) and hasattr(self.datamodule_class, "num_tokens"):
             parser.link_arguments("data.num_tokens", "model.num_tokens", apply_on="instantiate")
 
@@ -117,10 +107,10 @@ class GrokfastCLI(LightningCLI):
                 " (`--grokfast.*`). Keep one, or set `grokfast.enabled: false`."
             )
 
-        switchable = [("dashboard", GrokkingDashboardCallback), ("detector", _detector_class())]
+        switchable = [("dashboard", GrokkingDashboardCallback), ("detector", GrokkingDetectorCallback)]
         for key, callback_class in switchable:
             group = self._get(self.config_init, key)
-            if callback_class is None or group is None or not group.get("enabled"):
+            if group is None or not group.get("enabled"):
                 continue
             if any(isinstance(c, callback_class) for c in listed):
                 if self._group_changed(key, ignore=("enabled",)):
