@@ -152,7 +152,8 @@ class GradientFilter:
 
         filt = GradientFilter("ema", alpha=0.98, lamb=2.0)
         loss.backward()
-        filt.step([n for n, _ in model.named_parameters()], [p.grad for p in model.parameters()])
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        filt.step([n for n, _ in named], [p.grad for _, p in named])  # amplifies the gradients in place
         optimizer.step()
 
     """
@@ -544,12 +545,6 @@ class GradientFilter:
     def state_names(self) -> set[str]:
         """Names that have filter state."""
         return set(self._ema) | set(self._ma_history)
-
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of each named gradient that has state."""
-        shapes = {name: tuple(t.shape) for name, t in self._ema.items()}
-        shapes.update({name: tuple(t.shape[1:]) for name, t in self._ma_history.items()})
-        return shapes
 
     def place(self, devices: dict[str, torch.device]) -> GradientFilter:
         """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint)."""

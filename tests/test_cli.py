@@ -124,6 +124,16 @@ def test_grokfast_flag_group_configures_the_filter() -> None:
     assert (callback.filter, callback.lamb) == ("ma", 5.0)
 
 
+def test_parameter_selection_and_overrides_are_expressible_as_flags_and_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "selection.yaml"
+    config.write_text('grokfast:\n  exclude: ["bias", "norm"]\n  lamb_scale: {"^head": 0.5}\n')
+    (callback,) = callbacks_of(build("--config", str(config)), GrokfastCallback)
+    assert [p.pattern for p in callback.exclude] == ["bias", "norm"]
+    assert [(p.pattern, f) for p, f in callback.lamb_scale] == [("^head", 0.5)]
+    (flagged,) = callbacks_of(build("--grokfast.exclude", "[bias]"), GrokfastCallback)
+    assert [p.pattern for p in flagged.exclude] == ["bias"]
+
+
 def test_grokfast_enabled_false_switches_the_filter_off() -> None:
     (callback,) = callbacks_of(build("--grokfast.enabled", "false"), GrokfastCallback)
     assert callback.enabled is False
