@@ -284,10 +284,10 @@ class GrokfastCallback(Callback):
         self, pl_module: pl.LightningModule, entry: _OptimizerEntry, grad_norm: Tensor | None, slow_norm: Tensor | None
     ) -> None:
         prefix = "grokfast/" if entry.index == 0 else f"grokfast/optimizer{entry.index}/"
-        skipped: Any = float(entry.filter.skipped_steps)
-        if entry.filter._skipped_on_device is not None:  # steps skipped on the synchronization-free path
-            skipped = entry.filter._skipped_on_device.float() + skipped
-        metrics: dict[str, Any] = {f"{prefix}lamb": self._lamb, f"{prefix}skipped_steps": skipped}
+        metrics: dict[str, Any] = {
+            f"{prefix}lamb": self._lamb,
+            f"{prefix}skipped_steps": entry.filter.skipped_steps_for_logging,
+        }
         if self.filter != "ma":
             metrics[f"{prefix}alpha"] = self._alpha
         if self.filter == "ema+ma":

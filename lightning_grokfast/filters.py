@@ -474,6 +474,14 @@ class GradientFilter:
         self._skipped_on_device = None
 
     @property
+    def skipped_steps_for_logging(self) -> float | Tensor:
+        """Steps skipped for non-finite gradients, as a float or (on the synchronization-free path) a device
+        tensor, so logging it never synchronizes."""
+        if self._skipped_on_device is None:
+            return float(self.skipped_steps)
+        return self._skipped_on_device.float() + self.skipped_steps
+
+    @property
     def total_skipped_steps(self) -> int:
         """Steps whose gradients were not finite (reads a device counter: not for the hot path)."""
         on_device = int(self._skipped_on_device.item()) if self._skipped_on_device is not None else 0
