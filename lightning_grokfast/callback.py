@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,14 +13,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_grokfast.filters import (
-    FILTER_NAMES,
-    MA_AGGREGATIONS,
-    GradientFilter,
-    check_alpha,
-    check_lamb,
-    resolve_state_dtype,
-)
+from lightning_grokfast.filters import FILTER_NAMES, MA_AGGREGATIONS, GradientFilter
+from lightning_grokfast.lightning_utils import is_logging_step, scaler_found_inf, trainer_scaler
+from lightning_grokfast.validation import check_alpha, check_lamb, compile_pattern, resolve_state_dtype
 
 _STATE_FORMAT = 1
 
@@ -111,11 +105,12 @@ class GrokfastCallback(Callback):
         self.start_step = start_step
         self.enabled = bool(enabled)
         self.log_stats = bool(log_stats)
-        self.exclude = [_compile(p, "exclude") for p in (exclude or [])]
+        self.exclude = [compile_pattern(p, "exclude") for p in (exclude or [])]
         if lamb_scale is not None and not isinstance(lamb_scale, dict):
             raise ValueError(f"`lamb_scale` must be a mapping of name pattern to factor, got {lamb_scale!r}.")
         self.lamb_scale = [
-            (_compile(p, "lamb_scale"), check_lamb(f, f"lamb_scale[{p!r}]")) for p, f in (lamb_scale or {}).items()
+            (compile_pattern(p, "lamb_scale"), check_lamb(f, f"lamb_scale[{p!r}]"))
+            for p, f in (lamb_scale or {}).items()
         ]
         self._filter_kwargs: dict[str, Any] = {
             "window_size": window_size,
@@ -235,12 +230,12 @@ class GrokfastCallback(Callback):
             if not grads:
                 return
 
-        compute_norms = self.log_stats and _is_logging_step(trainer)
+        compute_norms = self.log_stats and is_logging_step(trainer)
         info = entry.filter.step(
             names,
             grads,
             amplify=global_step >= self.start_step,
-            found_inf=_scaler_found_inf(trainer, optimizer),
+            found_inf=scaler_found_inf(trainer_scaler(trainer), optimizer),
             compute_norms=compute_norms,
         )
         if compute_norms:
@@ -330,13 +325,6 @@ class GrokfastCallback(Callback):
         self._pending_state = dict(state_dict["filters"])
 
 
-def _compile(pattern: str, argument: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except (re.error, TypeError) as err:
-        raise ValueError(f"`{argument}` holds an invalid regular expression {pattern!r}: {err}") from err
-
-
 def _check_matches(state: dict[str, Any], params: dict[str, Tensor], index: int) -> None:
     """Raise if the saved filter state does not fit the optimizer's parameters."""
     saved = state["params"]
@@ -351,33 +339,3 @@ def _check_matches(state: dict[str, Any], params: dict[str, Tensor], index: int)
                 problems.append(f"{name!r} has shape {tuple(params[name].shape)} but its saved state has shape {shape}")
     if problems:
         raise ValueError(f"Cannot resume GrokfastCallback state for optimizer {index}: " + "; ".join(problems[:10]))
-
-
-def _is_logging_step(trainer: pl.Trainer) -> bool:
-    if not trainer.loggers:
-        return False
-    try:
-        return bool(trainer._logger_connector.should_update_logs)
-    except (AttributeError, NotImplementedError):
-        return trainer.log_every_n_steps > 0 and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
-
-
-def _scaler_found_inf(trainer: pl.Trainer, optimizer: Optimizer) -> Tensor | None:
-    """The AMP scaler's own verdict on this step's gradients, if it unscaled them (no synchronization)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None:
-        return None
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        raise MisconfigurationException(
-            f"{type(optimizer).__name__} unscales its gradients inside `step()` (a fused optimizer), so under"
-            " 16-mixed precision GrokfastCallback would see scaled gradients. Use `fused=False`, or bf16-mixed"
-            " precision."
-        )
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
-    if not state or state.get("stage") is None or state["stage"].name != "UNSCALED":
-        return None
-    per_device = list(state["found_inf_per_device"].values())
-    if not per_device:
-        return None
-    device = per_device[0].device
-    return torch.stack([f.to(device) for f in per_device]).sum()

@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_grokfast.callback import _is_logging_step
+from lightning_grokfast.lightning_utils import is_logging_step
 
 DEFAULT_MARKS: tuple[float, ...] = (0.5, 0.9, 0.95)
 _STATE_FORMAT = 1
@@ -317,7 +317,7 @@ class GrokkingDashboardCallback(Callback):
         if isinstance(value, (Tensor, float, int)):
             value = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
             self._pending_train.append((trainer.global_step, value))
-        if self.log_weight_norm and _is_logging_step(trainer):
+        if self.log_weight_norm and is_logging_step(trainer):
             pl_module.log(
                 "grokking/weight_norm", total_weight_norm(pl_module), on_step=True, on_epoch=False, batch_size=1
             )

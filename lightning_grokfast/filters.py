@@ -16,7 +16,6 @@ unchanged instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,62 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_grokfast.validation import check_alpha, check_int, check_lamb, resolve_state_dtype
+
 FILTER_NAMES = ("ema", "ma", "ema+ma")
 MA_AGGREGATIONS = ("mean", "sum")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_FORMAT = 1
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> float:
-    """Validate an EMA momentum in ``[0, 1)``.
-
-    Raises:
-        ValueError: If ``alpha`` is not a finite number in ``[0, 1)``.
-
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1), got {alpha!r}.")
-    return float(alpha)
-
-
-def check_lamb(lamb: float, name: str = "lamb") -> float:
-    """Validate an amplification factor ``>= 0``.
-
-    Raises:
-        ValueError: If ``lamb`` is negative or not finite.
-
-    """
-    if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not (math.isfinite(lamb) and lamb >= 0):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {lamb!r}.")
-    return float(lamb)
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return value
-
-
-def resolve_state_dtype(state_dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Turn ``"float32"``/``torch.float32``/``None`` into a floating dtype or ``None``.
-
-    Raises:
-        ValueError: If the name is not a floating point dtype.
-
-    """
-    if state_dtype is None or isinstance(state_dtype, torch.dtype):
-        dtype = state_dtype
-    elif isinstance(state_dtype, str) and isinstance(
-        getattr(torch, state_dtype.removeprefix("torch."), None), torch.dtype
-    ):
-        dtype = getattr(torch, state_dtype.removeprefix("torch."))
-    else:
-        raise ValueError(
-            f"`state_dtype` must be a floating dtype name such as 'float32', or None, got {state_dtype!r}."
-        )
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"`state_dtype` must be a floating point dtype, got {dtype}.")
-    return dtype
 
 
 @dataclass
@@ -180,14 +129,12 @@ class GradientFilter:
         self.alpha = alpha
         self.lamb = lamb
         self.ma_lamb = ma_lamb
-        self.window_size = _check_positive_int(window_size, "window_size")
+        self.window_size = check_int(window_size, "window_size", low=1)
         self.warmup = bool(warmup)
         self.filter_type = filter_type
         self.normalize = bool(normalize)
         self.state_dtype = resolve_state_dtype(state_dtype)
-        self.resum_every = (
-            _check_positive_int(resum_every, "resum_every") if resum_every is not None else 10 * window_size
-        )
+        self.resum_every = check_int(resum_every, "resum_every", low=1) if resum_every is not None else 10 * window_size
         #: Use the synchronization-free ``torch.where`` path (``None``: only for tensors not on the CPU).
         self.sync_free: bool | None = None
         self._lamb_scales: dict[str, float] = {}
