@@ -68,8 +68,8 @@ class OptimizerBinding:
         extras: passed to :class:`~lightning_grokfast.optim_state.OptimizerStateLink`.
         placeholders: build zero state for tracked parameters without state in ``state_dict()`` (load templates).
 
-    Raises:
-        ValueError: If a parameter is already filtered by another binding.
+    A binding *claims* its parameters when it first filters them (or when :meth:`claim` is called): a gradient
+    claimed by two live bindings would be amplified twice, so that raises.
 
     """
 
@@ -94,7 +94,10 @@ class OptimizerBinding:
         self._layout: tuple[int, ...] = ()
         self.params: list[Tensor] = []
         self.names: tuple[str, ...] = ()
-        self.link = OptimizerStateLink(self.optimizer, self.filter, extras=extras, placeholders=placeholders)
+        self._claimed = False
+        self.link = OptimizerStateLink(
+            self.optimizer, self.filter, extras=extras, placeholders=placeholders, before_access=self.refresh
+        )
         self.refresh()
 
     def refresh(self, names: Mapping[int, str] | None = None) -> bool:
@@ -104,7 +107,7 @@ class OptimizerBinding:
             Whether the filtered parameters changed.
 
         Raises:
-            ValueError: If a newly seen parameter is already filtered by another binding.
+            ValueError: If this binding has claimed its parameters and a newly seen one is claimed by another.
 
         """
         if names is not None:
@@ -124,11 +127,22 @@ class OptimizerBinding:
                 if self.selection.takes(name):
                     params.append(param)
                     param_names.append(name)
-        self._claim(params, param_names)
+        if self._claimed:
+            self._claim(params, param_names)
         self._layout, self.params, self.names = layout, params, tuple(param_names)
         self.filter.set_lamb_scales(self.selection.scales(param_names))
         self.link.track(self.names, self.params)
         return True
+
+    def claim(self) -> None:
+        """Mark the parameters as filtered by this binding (done by the first :meth:`step` at the latest).
+
+        Raises:
+            ValueError: If another binding filters one of them.
+
+        """
+        self._claim(self.params, list(self.names))
+        self._claimed = True
 
     def _claim(self, params: list[Tensor], names: list[str]) -> None:
         owners = [(n, _OWNERS.get(id(p))) for n, p in zip(names, params)]
@@ -155,6 +169,8 @@ class OptimizerBinding:
 
         """
         self.refresh()
+        if not self._claimed:
+            self.claim()
         params, names = self.params, self.names
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
@@ -176,6 +192,11 @@ class OptimizerBinding:
     def release(self) -> None:
         """Remove the checkpoint hooks and give the parameters free for another filter."""
         self.link.remove()
+        self.unclaim()
+
+    def unclaim(self) -> None:
+        """Give the parameters free for another filter (e.g. when training with this binding is over)."""
+        self._claimed = False
         for param in self.params:
             if _OWNERS.get(id(param)) is self:
                 del _OWNERS[id(param)]

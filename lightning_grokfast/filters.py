@@ -372,6 +372,17 @@ class GradientFilter:
             guard_scale=guard if amplified else None,
         )
 
+    def local_found_inf(self, grads: Sequence[Tensor]) -> Tensor:
+        """A float 0-dim tensor, 1.0 when some of ``grads`` is not finite (for an all-reduce across ranks)."""
+        if not grads:
+            return torch.zeros(())
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for grad in grads:
+            by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        device = grads[0].device
+        finite = ops.all_finite([ops.squared_norms(g) for g in by_kind.values()], device)
+        return (~finite).float()
+
     def _checks_itself(self, found_inf: Tensor | None) -> bool:
         return found_inf is None and self.config.check_finite
 

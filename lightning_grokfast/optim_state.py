@@ -64,6 +64,8 @@ class OptimizerStateLink:
             callback keeps them in its own callback state instead).
         placeholders: build a zero record for a tracked parameter that has no state yet, so that a load template
             (e.g. ``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
+        before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
+            another callback re-added parameter groups just before a checkpoint is loaded).
 
     """
 
@@ -74,8 +76,10 @@ class OptimizerStateLink:
         *,
         extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
         placeholders: Callable[[Tensor], ParamState] | None = None,
+        before_access: Callable[[], Any] | None = None,
     ) -> None:
         self.optimizer = unwrap_optimizer(optimizer)
+        self._before_access = before_access
         self.filter = filter
         self._extras = extras
         self._placeholders = placeholders
@@ -100,6 +104,8 @@ class OptimizerStateLink:
 
     # ------------------------------------------------------------------ hooks
     def _on_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._before_access is not None:
+            self._before_access()
         states = self.filter.states
         for index, param in param_index_map(optimizer.param_groups, state_dict["param_groups"]):
             name = self._names.get(id(param))
@@ -118,6 +124,8 @@ class OptimizerStateLink:
         return state_dict
 
     def _on_load_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._before_access is not None:
+            self._before_access()
         by_index = dict(param_index_map(optimizer.param_groups, state_dict["param_groups"]))
         state: dict[Any, Any] = {}
         loaded: dict[str, ParamState] = {}
@@ -133,7 +141,8 @@ class OptimizerStateLink:
             rest = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
             if rest:
                 state[index] = rest
-        self.filter.drop_state(list(self._names.values()))
+        if loaded:  # a checkpoint without filter state (0.1, or written without Grokfast) leaves the filter alone
+            self.filter.drop_state(list(self._names.values()))
         for name, record in loaded.items():
             self.filter.set_state(name, record)
         self.loaded_names = set(loaded)
