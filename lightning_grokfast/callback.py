@@ -387,7 +387,10 @@ class GrokfastCallback(Callback):
                 f"Unknown GrokfastCallback state format {version!r}: this release (0.2) reads checkpoints of"
                 " lightning-grokfast 0.1 (format 1) and 0.2 (format 2)."
             )
-        check_structure(state_dict, self.config, "GrokfastCallback state in the checkpoint")
+        if version == 1:  # 0.1 kept no window size here (its filter states are checked when they load)
+            check_structure({**state_dict, "window_size": self.config.window_size}, self.config, "checkpoint")
+        else:
+            check_structure(state_dict, self.config, "GrokfastCallback state in the checkpoint")
         if version == 1:  # 0.1 kept the filter state here, by optimizer index and parameter name
             saved_user, tunables = None, {k: state_dict[k] for k in ("alpha", "lamb", "ma_lamb")}
             self._restored = {"legacy_filters": dict(state_dict["filters"]), "counters": {}}
