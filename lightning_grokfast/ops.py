@@ -89,20 +89,23 @@ def add_scaled_(grads: list[Tensor], state: list[Tensor], coef: float | Tensor) 
 def orthogonalize_(grads: list[Tensor], params: list[Tensor], eps: float = 1e-30) -> None:
     r"""⊥Grad in place: ``g <- |g| * u / |u|`` with ``u = g - (<g, w> / <w, w>) w`` for each gradient ``g`` of ``w``.
 
-    The inner product comes from L1 norms (``<g, w> = 2 |max(g*w, 0)|_1 - |g*w|_1``), so all work is foreach calls
-    and nothing is read back to the host. A parameter of zero norm keeps its gradient.
+    The inner products come from L1 norms (``<g, w> = 2 |max(g*w, 0)|_1 - |g*w|_1``), so all work is foreach calls
+    and nothing is read back to the host. Low-precision gradients are projected in float32. A parameter of zero norm
+    keeps its gradient; a gradient (numerically) parallel to its parameter becomes zero.
     """
-    products = torch._foreach_mul(grads, [p.to(g.dtype) for p, g in zip(params, grads)])
+    work_dtype = torch.float32 if grads[0].dtype in (torch.float16, torch.bfloat16) else grads[0].dtype
+    g = grads if grads[0].dtype == work_dtype else [t.to(work_dtype) for t in grads]
+    w = [p.to(work_dtype) for p in params]
+    products = torch._foreach_mul(g, w)
     total = torch.stack(torch._foreach_norm(products, 1))
     torch._foreach_clamp_min_(products, 0.0)
-    positive = torch.stack(torch._foreach_norm(products, 1))
-    dots = 2.0 * positive - total
-    param_sq = squared_norms(params).to(dots.dtype)
-    grad_sq = squared_norms(grads).to(dots.dtype)
-    coefs = -dots / param_sq.clamp_min(eps)
-    coefs = torch.where(param_sq > 0, coefs, torch.zeros_like(coefs))
-    torch._foreach_add_(grads, torch._foreach_mul([p.to(g.dtype) for p, g in zip(params, grads)], list(coefs.unbind())))
-    # |u|^2 = |g|^2 - <g, w>^2 / |w|^2, computed again from u to stay exact for the rescale
-    perp_sq = squared_norms(grads).to(dots.dtype)
-    scales = torch.where(perp_sq > 0, (grad_sq / perp_sq.clamp_min(eps)).sqrt(), torch.ones_like(perp_sq))
-    torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
+    dots = 2.0 * torch.stack(torch._foreach_norm(products, 1)) - total
+    param_sq = torch.stack(torch._foreach_norm(w)).square()
+    grad_norms = torch.stack(torch._foreach_norm(g))
+    coefs = torch.where(param_sq > 0, -dots / param_sq.clamp_min(eps), torch.zeros_like(dots))
+    perp = torch._foreach_add(g, torch._foreach_mul(w, list(coefs.unbind())))
+    perp_norms = torch.stack(torch._foreach_norm(perp))
+    tiny = perp_norms <= 4.0 * torch.finfo(work_dtype).eps * grad_norms
+    scales = torch.where(tiny, torch.zeros_like(perp_norms), grad_norms / perp_norms.clamp_min(eps))
+    torch._foreach_mul_(perp, list(scales.unbind()))
+    torch._foreach_copy_(grads, perp)
