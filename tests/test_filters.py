@@ -357,3 +357,44 @@ def test_norms_report_raw_gradient_and_slow_component():
     assert info.grad_norm.item() == pytest.approx(5.0)
     assert info.slow_norm.item() == pytest.approx(5.0)
     assert torch.equal(grad, torch.tensor([6.0, 8.0]))
+
+
+def test_a_new_set_of_names_rebuilds_the_plan_in_work_independent_of_the_window():
+    """Regrouping (a parameter gains or loses its gradient) costs O(parameters), not O(parameters x window)."""
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for window in (10, 1000):
+        filt = GradientFilter("ma", window_size=window, lamb=5.0, warmup=False)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            grads = random_grads(generator)
+            filt.step(list(grads), list(grads.values()))
+        grads = random_grads(generator)
+        del grads["layer.bias"]  # a different set of names: a new plan
+        with CountOps() as mode:
+            filt.step(list(grads), list(grads.values()))
+        counts[window] = mode.count
+    assert counts[10] == counts[1000]
+
+
+def test_moving_average_sum_stays_float32_for_bfloat16_state():
+    filt = GradientFilter("ma", window_size=50, lamb=1.0, state_dtype=None, resum_every=10**9)
+    generator = torch.Generator().manual_seed(0)
+    window = []
+    for _ in range(400):
+        grad = (torch.randn(64, generator=generator) + 1.0).to(torch.bfloat16)
+        window = [*window, grad.float()][-50:]
+        filt.step(["w"], [grad.clone()])
+    state = filt.states["w"]
+    assert state.ma_history.dtype == torch.bfloat16 and state.ma_sum.dtype == torch.float32
+    exact = torch.stack(window).sum(0)
+    assert float((state.ma_sum - exact).abs().max() / exact.abs().max()) < 1e-5
