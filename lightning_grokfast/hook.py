@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_grokfast.amp import scaler_found_inf
 from lightning_grokfast.binding import OptimizerBinding, ParamSelection
@@ -59,7 +60,7 @@ class GrokfastHandle:
             extras=(self._counters, self._load_counters),
         )
         self.optimizer = self._binding.optimizer
-        self._hook = self.optimizer.register_step_pre_hook(self._before_step)
+        self._hook: RemovableHandle | None = self.optimizer.register_step_pre_hook(self._before_step)
 
     # ------------------------------------------------------------------ settings
     @property

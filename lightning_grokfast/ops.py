@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+def squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Per-tensor squared L2 norms as one float32 (float64 for float64 input) vector (one foreach call)."""
     if tensors[0].dtype in (torch.float16, torch.bfloat16):
         norms = torch._foreach_norm(tensors, dtype=torch.float32)

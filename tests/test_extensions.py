@@ -116,3 +116,17 @@ def test_speedup_rule_of_thumb():
 def test_every_option_is_off_by_default():
     config = FilterConfig()
     assert (config.orthogonal, config.max_amplified_ratio) == (False, None)
+
+
+def test_speedup_and_the_new_options_round_trip_through_yaml(tmp_path):
+    from lightning_grokfast.cli import TASK_TRAINER_DEFAULTS, GrokfastCLI
+
+    config = tmp_path / "speedup.yaml"
+    config.write_text("grokfast:\n  filter: ma\n  speedup: 50\n  orthogonal: true\n  max_amplified_ratio: 3.0\n")
+    cli = GrokfastCLI(trainer_defaults=TASK_TRAINER_DEFAULTS, args=["--config", str(config)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GrokfastCallback)]
+    assert (callback.config.window_size, callback.config.orthogonal, callback.config.max_amplified_ratio) == (
+        50,
+        True,
+        3.0,
+    )
