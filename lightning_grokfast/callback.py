@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_grokfast.amp import scaler_found_inf
 from lightning_grokfast.binding import OptimizerBinding, ParamSelection
-from lightning_grokfast.config import FilterConfig
+from lightning_grokfast.config import FilterConfig, TunableSettings
 from lightning_grokfast.filters import GradientFilter, StepInfo, check_structure
 from lightning_grokfast.lightning_utils import is_logging_step, trainer_scaler
 from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
@@ -27,7 +27,7 @@ _STATE_FORMAT = 2
 _USER_FIELDS = ("start_step", "enabled", "exclude", "lamb_scale")
 
 
-class GrokfastCallback(Callback):
+class GrokfastCallback(TunableSettings, Callback):
     r"""Amplify the slow (low-pass filtered) part of every gradient before each optimizer step (Grokfast).
 
     In ``on_before_optimizer_step`` (after backward, gradient accumulation and AMP unscaling, before gradient
@@ -182,33 +182,6 @@ class GrokfastCallback(Callback):
         if not self._enabled:
             for binding in self._bindings.values():
                 binding.unclaim()
-
-    @property
-    def alpha(self) -> float:
-        """EMA momentum, settable during training (e.g. by an adaptive-alpha schedule)."""
-        return self.config.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.config.alpha = value
-
-    @property
-    def lamb(self) -> float:
-        """Amplification factor, settable during training (e.g. boosted by the grokking detector)."""
-        return self.config.lamb
-
-    @lamb.setter
-    def lamb(self, value: float) -> None:
-        self.config.lamb = value
-
-    @property
-    def ma_lamb(self) -> float:
-        """Amplification of the moving-average term with ``filter="ema+ma"``."""
-        return self.config.ma_lamb
-
-    @ma_lamb.setter
-    def ma_lamb(self, value: float) -> None:
-        self.config.ma_lamb = value
 
     def boost_lamb(self, factor: float, max_lamb: float | None = None) -> float:
         """Multiply every amplification (``lamb`` and ``ma_lamb``) by ``factor``, capped at ``max_lamb``.

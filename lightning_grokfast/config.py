@@ -190,3 +190,40 @@ _CHECKS: dict[str, Any] = {
 }
 
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(FilterConfig)}
+
+
+class TunableSettings:
+    """``alpha``, ``lamb`` and ``ma_lamb`` as validated, live properties of an object's ``config``.
+
+    Mixed into everything users hold (the filter, the callback, the handle of ``attach_grokfast``), so each reads and
+    writes the one shared :class:`FilterConfig`.
+    """
+
+    config: FilterConfig
+
+    @property
+    def alpha(self) -> float:
+        """EMA momentum in ``[0, 1)``, settable between steps (e.g. by an adaptive-alpha schedule)."""
+        return self.config.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.config.alpha = value
+
+    @property
+    def lamb(self) -> float:
+        """Amplification of the EMA (or of the MA with ``filter="ma"``), settable between steps."""
+        return self.config.lamb
+
+    @lamb.setter
+    def lamb(self, value: float) -> None:
+        self.config.lamb = value
+
+    @property
+    def ma_lamb(self) -> float:
+        """Amplification of the moving-average term with ``filter="ema+ma"``, settable between steps."""
+        return self.config.ma_lamb
+
+    @ma_lamb.setter
+    def ma_lamb(self, value: float) -> None:
+        self.config.ma_lamb = value

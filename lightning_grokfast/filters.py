@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_grokfast import ops
-from lightning_grokfast.config import FILTER_NAMES, MA_AGGREGATIONS, FilterConfig
+from lightning_grokfast.config import FILTER_NAMES, MA_AGGREGATIONS, FilterConfig, TunableSettings
 from lightning_grokfast.state import ParamState, StepInfo
 from lightning_grokfast.validation import check_lamb
 
@@ -71,7 +71,7 @@ class _Group:
         return views
 
 
-class GradientFilter:
+class GradientFilter(TunableSettings):
     r"""Low-pass filter of gradients over optimizer steps, amplifying the slow part in place.
 
     Args:
@@ -125,33 +125,6 @@ class GradientFilter:
     @property
     def uses_ma(self) -> bool:
         return self.config.uses_ma
-
-    @property
-    def alpha(self) -> float:
-        """EMA momentum; may be changed between steps."""
-        return self.config.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.config.alpha = value
-
-    @property
-    def lamb(self) -> float:
-        """Amplification of the EMA (or of the MA with ``filter="ma"``); may be changed between steps."""
-        return self.config.lamb
-
-    @lamb.setter
-    def lamb(self, value: float) -> None:
-        self.config.lamb = value
-
-    @property
-    def ma_lamb(self) -> float:
-        """Amplification of the MA term with ``filter="ema+ma"``."""
-        return self.config.ma_lamb
-
-    @ma_lamb.setter
-    def ma_lamb(self, value: float) -> None:
-        self.config.ma_lamb = value
 
     def set_lamb_scales(self, scales: Mapping[str, float]) -> None:
         """Multiply ``lamb`` by ``scales[name]`` for the named gradients (others: 1.0).

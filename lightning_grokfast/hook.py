@@ -15,14 +15,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_grokfast.amp import scaler_found_inf
 from lightning_grokfast.binding import OptimizerBinding, ParamSelection
-from lightning_grokfast.config import FilterConfig
+from lightning_grokfast.config import FilterConfig, TunableSettings
 from lightning_grokfast.filters import GradientFilter, StepInfo
 from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int
 
 __all__ = ["GrokfastHandle", "attach_grokfast"]
 
 
-class GrokfastHandle:
+class GrokfastHandle(TunableSettings):
     """What :func:`attach_grokfast` returns: the live settings, the filter, and :meth:`remove`.
 
     Attributes:
@@ -67,30 +67,6 @@ class GrokfastHandle:
     def filter(self) -> GradientFilter:
         """The gradient filter (its ``states``, ``steps``, ``skipped_steps``)."""
         return self._binding.filter
-
-    @property
-    def lamb(self) -> float:
-        return self.config.lamb
-
-    @lamb.setter
-    def lamb(self, value: float) -> None:
-        self.config.lamb = value
-
-    @property
-    def alpha(self) -> float:
-        return self.config.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.config.alpha = value
-
-    @property
-    def ma_lamb(self) -> float:
-        return self.config.ma_lamb
-
-    @ma_lamb.setter
-    def ma_lamb(self, value: float) -> None:
-        self.config.ma_lamb = value
 
     @property
     def attached(self) -> bool:
