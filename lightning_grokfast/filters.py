@@ -321,7 +321,10 @@ class GradientFilter(TunableSettings):
         if ratio is None:
             return None
         running = self._guard_norm
-        running = grad_norm.detach().clone() if running is None else running.lerp_(grad_norm, 1 - GUARD_NORM_MOMENTUM)
+        if running is None:
+            running = grad_norm.detach().clone()
+        else:  # (a resumed running norm arrives on the CPU)
+            running = running.to(grad_norm.device).lerp_(grad_norm, 1 - GUARD_NORM_MOMENTUM)
         self._guard_norm = running
         added = _added_norm(terms, device)
         scale = (ratio * running / added.clamp_min(1e-30)).clamp(max=1.0)
