@@ -41,6 +41,7 @@ KINDS = {
     "ema": dict(filter="ema", alpha=0.8, lamb=2.0),
     "ma": dict(filter="ma", window_size=4, lamb=5.0, resum_every=3),
     "ema+ma": dict(filter="ema+ma", alpha=0.8, lamb=1.0, window_size=4, ma_lamb=1.0),
+    "ema-guard-orthogonal": dict(filter="ema", alpha=0.8, lamb=2.0, max_amplified_ratio=0.5, orthogonal=True),
 }
 
 
