@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_grokfast.config import FilterConfig
 from lightning_grokfast.filters import GradientFilter, ParamState, StepInfo
 from lightning_grokfast.optim_state import OptimizerStateLink, unwrap_optimizer
+from lightning_grokfast.sharding import is_dtensor, local
 
 __all__ = ["OptimizerBinding", "ParamSelection"]
 
@@ -66,7 +67,8 @@ class OptimizerBinding:
         prefix: prefix of the fallback names.
         owner: a description of who binds (used in error messages), e.g. ``"GrokfastCallback(filter='ema')"``.
         extras: passed to :class:`~lightning_grokfast.optim_state.OptimizerStateLink`.
-        placeholders: build zero state for tracked parameters without state in ``state_dict()`` (load templates).
+        placeholders: build zero state for sharded parameters without state in ``state_dict()`` (load templates);
+            default: the filter's fresh state for the local shard.
 
     A binding *claims* its parameters when it first filters them (or when :meth:`claim` is called): a gradient
     claimed by two live bindings would be amplified twice, so that raises.
@@ -95,8 +97,13 @@ class OptimizerBinding:
         self.params: list[Tensor] = []
         self.names: tuple[str, ...] = ()
         self._claimed = False
+        self.sharded = False
         self.link = OptimizerStateLink(
-            self.optimizer, self.filter, extras=extras, placeholders=placeholders, before_access=self.refresh
+            self.optimizer,
+            self.filter,
+            extras=extras,
+            placeholders=placeholders or (lambda param: self.filter.empty_state(local(param))),
+            before_access=self.refresh,
         )
         self.refresh()
 
@@ -129,6 +136,12 @@ class OptimizerBinding:
                     param_names.append(name)
         if self._claimed:
             self._claim(params, param_names)
+        self.sharded = any(is_dtensor(p) for p in params)
+        if self.sharded and self.filter.config.orthogonal:
+            raise ValueError(
+                "`orthogonal=True` needs whole-tensor inner products, but these parameters are sharded (DTensor):"
+                " ⊥Grad under FSDP2/tensor parallelism is not supported."
+            )
         self._layout, self.params, self.names = layout, params, tuple(param_names)
         self.filter.set_lamb_scales(self.selection.scales(param_names))
         self.link.track(self.names, self.params)
@@ -173,6 +186,9 @@ class OptimizerBinding:
             self.claim()
         params, names = self.params, self.names
         grads = [p.grad for p in params]
+        if self.sharded:  # the filter is element-wise: each rank filters its own shard, as plain tensors
+            params = [local(p) for p in params]
+            grads = [None if g is None else local(g) for g in grads]
         if any(g is None for g in grads):
             present = [i for i, g in enumerate(grads) if g is not None]
             if not present:
@@ -188,6 +204,10 @@ class OptimizerBinding:
             found_inf=found_inf,
             compute_norms=compute_norms,
         )
+
+    def local_found_inf(self) -> Tensor:
+        """1.0 when some gradient of this rank (its shard, if sharded) is not finite, else 0.0 (0-dim tensor)."""
+        return self.filter.local_found_inf([local(p.grad) for p in self.params if p.grad is not None])
 
     def release(self) -> None:
         """Remove the checkpoint hooks and give the parameters free for another filter."""

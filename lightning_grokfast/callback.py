@@ -314,7 +314,7 @@ class GrokfastCallback(TunableSettings, Callback):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         if found_inf is None and self._sharded and self.config.check_finite and trainer.world_size > 1:
-            found_inf = binding.filter.local_found_inf([p.grad for p in binding.params if p.grad is not None])
+            found_inf = binding.local_found_inf()
             found_inf = trainer.strategy.reduce(found_inf, reduce_op="sum")
         return found_inf
 

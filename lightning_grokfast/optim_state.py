@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_grokfast.filters import GradientFilter, ParamState
+from lightning_grokfast.sharding import is_dtensor, to_global, to_local
 
 __all__ = ["STATE_PREFIX", "OptimizerStateLink", "param_index_map", "unwrap_optimizer"]
 
@@ -62,8 +63,8 @@ class OptimizerStateLink:
         extras: optional pair ``(get, set)`` of callables for filter-wide plain values stored under the top-level
             key ``"grokfast"`` of the state dict (``attach_grokfast`` keeps its counters there; the Lightning
             callback keeps them in its own callback state instead).
-        placeholders: build a zero record for a tracked parameter that has no state yet, so that a load template
-            (e.g. ``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
+        placeholders: build a zero record for a sharded (DTensor) parameter that has no state yet, so that a load
+            template (``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
         before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
             another callback re-added parameter groups just before a checkpoint is loaded).
 
@@ -112,10 +113,13 @@ class OptimizerStateLink:
             if name is None:
                 continue
             record = states.get(name)
-            if record is None and self._placeholders is not None:
-                record = self._placeholders(param)
+            sharded = is_dtensor(param)
+            if record is None and sharded and self._placeholders is not None:
+                record = self._placeholders(param)  # a load template needs every entry it will be filled with
             if record is None:
                 continue
+            if sharded:
+                record = to_global(record, param)
             entry = dict(state_dict["state"].get(index, {}))
             entry.update({STATE_PREFIX + key: value for key, value in record.to_dict().items()})
             state_dict["state"][index] = entry
@@ -173,6 +177,9 @@ def _placed(record: ParamState, param: Tensor, name: str, filt: GradientFilter) 
             f"The checkpoint's Grokfast state for {name!r} has shape {record.shape()},"
             f" its parameter {tuple(param.shape)}."
         )
+    if is_dtensor(param):  # DCP has already resharded the state to this run's layout
+        record = to_local(record)
+        param = param.to_local()  # type: ignore[attr-defined]
     return record if _on_device(record, param.device) else record.to(param.device)
 
 

@@ -73,3 +73,42 @@ def test_ddp_ranks_hold_identical_filter_state_equal_to_a_single_process_run(tmp
     )
     run.fit(model)
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]
+
+
+class ResumeModel(TinyModel):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(), batch_size=PER_RANK_BATCH, shuffle=False)
+
+
+class SaveFinalParams(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save({n: p.detach().clone() for n, p in pl_module.named_parameters()}, self.path)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_ddp_resume_from_an_epoch_checkpoint_is_bit_identical(tmp_path: Path, kind: str):
+    """The filter state travels in the optimizer state of the DDP checkpoint (rank 0 writes it for all)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs: int, out: str, ckpt: Path | None = None) -> None:
+        grokfast = GrokfastCallback(filter=kind, alpha=0.8, lamb=2.0, window_size=2)
+        saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        run = trainer(
+            strategy="ddp_fork",
+            devices=2,
+            max_epochs=epochs,
+            enable_checkpointing=True,
+            callbacks=[grokfast, saver, SaveFinalParams(tmp_path / out)],
+        )
+        run.fit(ResumeModel(optimizer="adam", lr=0.01), ckpt_path=ckpt)
+
+    fit(2, "straight.pt")
+    fit(2, "resumed.pt", ckpt=tmp_path / "epoch=0.ckpt")
+    straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name

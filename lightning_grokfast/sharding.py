@@ -1,0 +1,83 @@
+"""Filter state of sharded parameters (DTensor: FSDP2 ``fully_shard``, tensor parallel).
+
+The filter is element-wise, so each rank filters its own gradient shard with plain local tensors. Only the
+checkpoint sees DTensors: :func:`to_global` wraps a record's local tensors into DTensors sharded like the parameter
+(an MA window ``(window, *shape)`` is sharded on the parameter's dimension shifted by one), so
+``torch.distributed.checkpoint`` writes and reads each rank's shard without ever gathering the whole state.
+:func:`to_local` takes them apart again on load; DCP has already resharded them to the current layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_grokfast.state import ParamState
+
+__all__ = ["is_dtensor", "local", "to_global", "to_local"]
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view that shares its storage), or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _wrap(local_tensor: Tensor, param: Any, leading: int) -> Tensor:
+    """``local_tensor`` as a DTensor laid out like ``param`` with ``leading`` extra dimensions in front."""
+    from torch.distributed.tensor import Shard
+
+    placements = [Shard(p.dim + leading) if isinstance(p, Shard) else p for p in param.placements]
+    shape = (*local_tensor.shape[:leading], *param.shape)
+    return type(param).from_local(
+        local_tensor,
+        param.device_mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )
+
+
+def to_global(record: ParamState, param: Tensor) -> ParamState:
+    """The record with its local tensors wrapped as DTensors sharded like ``param`` (a DTensor)."""
+    return dataclasses.replace(
+        record,
+        ema=None if record.ema is None else _wrap(record.ema, param, 0),
+        ma_history=None if record.ma_history is None else _wrap(record.ma_history, param, 1),
+        ma_sum=None if record.ma_sum is None else _wrap(record.ma_sum, param, 0),
+    )
+
+
+def to_local(record: ParamState) -> ParamState:
+    """The record with DTensors replaced by their local shards (plain tensors are kept)."""
+    return dataclasses.replace(
+        record,
+        ema=None if record.ema is None else local(record.ema),
+        ma_history=None if record.ma_history is None else local(record.ma_history),
+        ma_sum=None if record.ma_sum is None else local(record.ma_sum),
+    )
