@@ -118,6 +118,7 @@ class Settings:
     num_layers: int = 2
     batch_size: int = 512
     device: str = "cpu"
+    progress_every: int = 0
 
     @classmethod
     def for_mode(cls, mode: str) -> Settings:
@@ -143,7 +144,8 @@ class MilestoneCallback(Callback):
 
     """
 
-    def __init__(self, marks: tuple[float, ...] = MARKS, metric: str = "val_acc") -> None:
+    def __init__(self, marks: tuple[float, ...] = MARKS, metric: str = "val_acc", progress_every: int = 0) -> None:
+        self.progress_every = progress_every
         self.marks = marks
         self.metric = metric
         self.steps: dict[float, int] = {}
@@ -166,6 +168,8 @@ class MilestoneCallback(Callback):
             if mark not in self.steps and val >= mark:
                 self.steps[mark] = step
                 self.seconds[mark] = time.perf_counter() - self._start
+        if self.progress_every and step % self.progress_every < trainer.val_check_interval:
+            print(f"[grokking] step {step}: val_acc {val:.4f} train_acc {float(train):.4f}", flush=True)
         if val >= self.marks[-1]:
             trainer.should_stop = True
 
@@ -218,7 +222,7 @@ def run_one(config: RunConfig, seed: int, settings: Settings) -> dict[str, Any]:
     )
     if config.anchor:
         model.anchor = config.anchor
-    milestones = MilestoneCallback()
+    milestones = MilestoneCallback(progress_every=settings.progress_every)
     callbacks: list[Callback] = [milestones]
     grokfast = GrokfastCallback(**config.grokfast) if config.grokfast else None
     if grokfast is not None:
@@ -436,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs of the same settings in the JSON")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--stem", help="file name stem of the results (default: grokking, grokking_quick, ...)")
+    parser.add_argument("--progress-every", type=int, default=0, help="print validation accuracy every N steps")
     args = parser.parse_args(argv)
 
     settings = Settings.for_mode("smoke" if args.smoke else "quick" if args.quick else "full")
@@ -450,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = _resolve_configs(args.configs, smoke=args.smoke)
     quiet_lightning()
 
-    stem = {"full": "grokking", "quick": "grokking_quick", "smoke": "grokking_smoke"}[settings.mode]
+    stem = args.stem or {"full": "grokking", "quick": "grokking_quick", "smoke": "grokking_smoke"}[settings.mode]
+    settings.progress_every = args.progress_every
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{stem}.json"
     runs = _previous_runs(json_path, settings) if args.resume else []
