@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lightning_grokfast.losses import stablemax_cross_entropy
-from lightning_grokfast.tasks.digits import load_digits_tensors
 from lightning_grokfast.tasks import (
     DigitsDataModule,
     GrokTransformer,
@@ -19,6 +18,7 @@ from lightning_grokfast.tasks import (
     SparseParityDataModule,
     make_sparse_parity_dataset,
 )
+from lightning_grokfast.tasks.digits import load_digits_tensors
 from tests.helpers import trainer
 
 
