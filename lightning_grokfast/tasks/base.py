@@ -88,9 +88,11 @@ class ClassificationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        optimizer = optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp.warmup_steps)}
+        optimizer_class = torch.optim.AdamW if hp["optimizer"] == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(
+            self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=tuple(hp["betas"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp["warmup_steps"])}
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict[str, Any]:

@@ -101,7 +101,7 @@ class SparseParityDataModule(SplitDataModule):
     @property
     def num_inputs(self) -> int:
         """Input features: ``num_bits``."""
-        return self.hparams.num_bits
+        return int(self.hparams["num_bits"])
 
     @property
     def num_classes(self) -> int:
