@@ -197,26 +197,37 @@ class MilestoneCallback(Callback):
 def use_anchor_optimizer(model: pl.LightningModule, anchor: str) -> None:
     """Make ``model`` train with a PyPI anchor (GrokFastAdamW or GrokAdamW) and the same warm-up.
 
-    The paper's numbers go to their arguments of the same name (alpha 0.98, lamb 2) and the model's lr, betas and
-    weight decay to theirs; their weight decay is decoupled (and, for GrokFastAdamW, not multiplied by lr).
+    The paper's numbers go to their arguments of the same name (alpha 0.98, lamb 2) and the model's lr and betas
+    to theirs. Both decay the weights decoupled, as AdamW: GrokAdamW by ``lr * weight_decay`` per step, so it gets
+    the model's ``weight_decay``; GrokFastAdamW by ``weight_decay`` itself (not multiplied by lr), so it gets
+    ``lr * weight_decay``: the same decay per step as AdamW with the model's weight decay. (On the modular task the
+    other rows use Adam's coupled L2 weight decay, a different regulariser.)
     """
     hp = model.hparams
 
     def configure_optimizers(self: pl.LightningModule) -> dict[str, Any]:
         warnings.filterwarnings("ignore", module="grokadamw")
         warnings.filterwarnings("ignore", message=".*autocast.*")
-        common = {"lr": hp.lr, "betas": tuple(hp.betas), "weight_decay": hp.weight_decay}
+        common = {"lr": hp["lr"], "betas": tuple(hp["betas"])}
         if anchor == "grokfastadamw":
             from grokfast_pytorch import GrokFastAdamW
 
-            optimizer = GrokFastAdamW(self.parameters(), grokfast_alpha=0.98, grokfast_lamb=2.0, **common)
+            optimizer = GrokFastAdamW(
+                self.parameters(),
+                grokfast_alpha=0.98,
+                grokfast_lamb=2.0,
+                weight_decay=hp["lr"] * hp["weight_decay"],
+                **common,
+            )
         else:
             level = logging.getLogger().level
             from grokadamw import GrokAdamW  # its import sets the root logger to INFO
 
             logging.getLogger().setLevel(level)
-            optimizer = GrokAdamW(self.parameters(), alpha_init=0.98, lamb=2.0, **common)
-        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp.warmup_steps)}
+            optimizer = GrokAdamW(
+                self.parameters(), alpha_init=0.98, lamb=2.0, weight_decay=hp["weight_decay"], **common
+            )
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp["warmup_steps"])}
 
     model.configure_optimizers = MethodType(configure_optimizers, model)  # type: ignore[method-assign]
 
