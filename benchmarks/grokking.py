@@ -77,6 +77,25 @@ CONFIGS: dict[str, tuple[Method, float, int | None]] = {
 }
 
 
+#: leaderboard rows of the modular task (at its weight decay 0.005) that are rows of this table too
+FROM_LEADERBOARD = {"none": "baseline_wd0.005", "ema": "ema", "ema_detector": "ema_detector"}
+
+
+def merged_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Runs of other result files (``--merge``): this script's own, and the leaderboard's rows in this table."""
+    runs = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        for run in report["runs"]:
+            run.setdefault("command", report["command"])
+            if "task" in run:  # a leaderboard run
+                if run["task"] != "modular" or run["config"] not in FROM_LEADERBOARD:
+                    continue
+                run = {**run, "config": FROM_LEADERBOARD[run["config"]]}
+            runs.append(run)
+    return runs
+
+
 def is_baseline(name: str) -> bool:
     return CONFIGS[name][0].grokfast is None
 
@@ -159,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs found in the JSON")
     parser.add_argument("--progress-every", type=int, default=0, help="print validation accuracy every N steps")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], help="also take the runs of these JSON files")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", help="file name stem of the results")
     args = parser.parse_args(argv)
@@ -175,10 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{stem}.json"
     runs = load_runs(json_path, args.resume)
+    runs += [r for r in merged_runs(args.merge) if r not in runs]
     command = " ".join(["python benchmarks/grokking.py", *(argv if argv is not None else sys.argv[1:])])
     commands = {r["config"]: r.get("command", command) for r in runs}
     started = time.perf_counter()
-    for name in args.configs:
+    for name in [] if args.table_only else args.configs:
         method, weight_decay, _ = CONFIGS[name]
         for seed in settings.seeds:
             if any(r["config"] == name and r["seed"] == seed for r in runs):
