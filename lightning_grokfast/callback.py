@@ -1,65 +1,68 @@
-"""GrokfastCallback: the Lightning glue around a :class:`~lightning_grokfast.filters.GradientFilter`."""
+"""GrokfastCallback: the Lightning glue around the filter core (:mod:`lightning_grokfast.binding`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_grokfast.filters import FILTER_NAMES, MA_AGGREGATIONS, GradientFilter
-from lightning_grokfast.lightning_utils import is_logging_step, scaler_found_inf, trainer_scaler
-from lightning_grokfast.validation import check_alpha, check_lamb, compile_pattern, resolve_state_dtype
+from lightning_grokfast.amp import scaler_found_inf
+from lightning_grokfast.binding import OptimizerBinding, ParamSelection
+from lightning_grokfast.config import FilterConfig, TunableSettings
+from lightning_grokfast.filters import GradientFilter, StepInfo, check_structure
+from lightning_grokfast.lightning_utils import is_logging_step, trainer_scaler
+from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
 
-_STATE_FORMAT = 1
-
-
-@dataclass
-class _OptimizerEntry:
-    """What the callback keeps for one optimizer: its filtered parameters, their names and the filter."""
-
-    index: int
-    params: list[Tensor]
-    names: tuple[str, ...]
-    filter: GradientFilter
-    last_global_step: int = -1
+_STATE_FORMAT = 2
+#: The user's configuration saved with each checkpoint (compared with the constructor's on resume).
+_USER_FIELDS = ("start_step", "enabled", "exclude", "lamb_scale")
 
 
-class GrokfastCallback(Callback):
+class GrokfastCallback(TunableSettings, Callback):
     r"""Amplify the slow (low-pass filtered) part of every gradient before each optimizer step (Grokfast).
 
-    In ``on_before_optimizer_step`` — after backward, gradient accumulation and AMP unscaling, before gradient
-    clipping and ``optimizer.step()`` — each gradient ``g`` of the stepping optimizer's parameters becomes
-    ``g + lamb * slow(g)``. Every optimizer has its own filter state, updated once per its own step. Gradient
-    clipping (``gradient_clip_val``) therefore applies to the amplified gradient.
+    In ``on_before_optimizer_step`` (after backward, gradient accumulation and AMP unscaling, before gradient
+    clipping and ``optimizer.step()``) each gradient ``g`` of the stepping optimizer's parameters becomes
+    ``g + lamb * slow(g)``. Every optimizer has its own filter state, updated once per its own step; parameters added
+    to an optimizer during training (``add_param_group``) are filtered from their first gradient on. The per-parameter
+    filter state is saved with the optimizer's state in every checkpoint (sharded like it under FSDP2).
 
     Args:
-        filter: ``"ema"`` (exponential moving average), ``"ma"`` (windowed moving average) or ``"ema+ma"``.
+        filter: ``"ema"``, ``"ma"`` (windowed moving average), ``"ema+ma"``, or ``"none"`` (only ``orthogonal``).
         alpha: EMA momentum in ``[0, 1)``. Paper default 0.98.
         lamb: amplification ``>= 0`` of the EMA (or of the MA with ``filter="ma"``). Paper: 2.0 (EMA), 5.0 (MA).
         window_size: moving-average window ``>= 1`` (paper: 100).
         ma_lamb: amplification of the MA term with ``filter="ema+ma"``.
         warmup: with a moving average, add nothing until the window is full.
         filter_type: ``"mean"`` or ``"sum"`` of the moving-average window.
-        start_step: first ``trainer.global_step`` at which the slow part is added (the state is updated from
-            the first step on, so the filter is warm when amplification starts).
+        start_step: first ``trainer.global_step`` at which the slow part is added (the state is updated from the
+            first step on, so the filter is warm when amplification starts).
         enabled: on/off switch, also settable during training (off: gradients and state are left alone).
         normalize: divide the amplified gradient by ``1 + lamb`` so the update keeps the unfiltered size.
-        exclude: regular expressions; parameters whose name matches any (``re.search``) are not filtered,
-            e.g. ``["bias", "norm"]``.
+        exclude: a regular expression or a list of them; parameters whose name matches any (``re.search``) are not
+            filtered, e.g. ``"bias"`` or ``["bias", "norm"]``.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor`` (and ``ma_lamb * factor``).
         state_dtype: dtype of the state for float16/bfloat16 gradients (``None``: keep the gradient's dtype).
-        log_stats: on Lightning's logging steps, log ``grokfast/lamb``, ``alpha``, ``grad_norm``,
-            ``slow_norm``, ``slow_to_grad_ratio`` and ``skipped_steps``.
-        resum_every: steps between exact re-summations of the moving-average running sum (default
+        log_stats: on Lightning's logging steps, log ``grokfast/lamb``, ``alpha``, ``grad_norm``, ``slow_norm``,
+            ``slow_to_grad_ratio``, ``skipped_steps`` (and ``guard_scale`` with the divergence guard).
+        resum_every: updates between exact re-summations of the moving-average running sum (default
             ``10 * window_size``).
+        check_finite: skip a step whose gradients are not all finite (state unchanged, nothing added).
+        orthogonal: ⊥Grad: remove from each gradient its component along its parameter (norm kept), before filtering.
+        max_amplified_ratio: divergence guard: bound the added slow term's norm by this multiple of the raw
+            gradient's running norm (``None``: off).
+        speedup: the authors' rule of thumb for a target acceleration ``N``: sets ``alpha`` (``alpha**N = 0.1``)
+            and/or ``window_size`` (``N``) for the filter; leave ``alpha``/``window_size`` at their defaults then.
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).
@@ -70,6 +73,10 @@ class GrokfastCallback(Callback):
 
         trainer = L.Trainer(callbacks=[GrokfastCallback(filter="ema", alpha=0.98, lamb=2.0)])
         trainer.fit(model)
+
+    On resume the configuration you pass wins; what training itself changed (``lamb`` boosted by the grokking
+    detector, an adaptive ``alpha``) is restored when the checkpoint was written with the same configuration.
+    A difference between the two is reported once.
 
     """
 
@@ -85,84 +92,96 @@ class GrokfastCallback(Callback):
         start_step: int = 0,
         enabled: bool = True,
         normalize: bool = False,
-        exclude: list[str] | None = None,
+        exclude: str | list[str] | None = None,
         lamb_scale: dict[str, float] | None = None,
         state_dtype: str | torch.dtype | None = "float32",
         log_stats: bool = True,
         resum_every: int | None = None,
+        check_finite: bool = True,
+        orthogonal: bool = False,
+        max_amplified_ratio: float | None = None,
+        speedup: float | None = None,
     ) -> None:
         super().__init__()
-        if filter not in FILTER_NAMES:
-            raise ValueError(f"`filter` must be one of {list(FILTER_NAMES)}, got {filter!r}.")
-        if filter_type not in MA_AGGREGATIONS:
-            raise ValueError(f"`filter_type` must be one of {list(MA_AGGREGATIONS)}, got {filter_type!r}.")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}.")
-        self.filter = filter
-        self._alpha = check_alpha(alpha)
-        self._lamb = check_lamb(lamb)
-        self._ma_lamb = check_lamb(ma_lamb, "ma_lamb")
-        self.start_step = start_step
-        self.enabled = bool(enabled)
-        self.log_stats = bool(log_stats)
-        self.exclude = [compile_pattern(p, "exclude") for p in (exclude or [])]
-        if lamb_scale is not None and not isinstance(lamb_scale, dict):
-            raise ValueError(f"`lamb_scale` must be a mapping of name pattern to factor, got {lamb_scale!r}.")
-        self.lamb_scale = [
-            (compile_pattern(p, "lamb_scale"), check_lamb(f, f"lamb_scale[{p!r}]"))
-            for p, f in (lamb_scale or {}).items()
-        ]
-        self._filter_kwargs: dict[str, Any] = {
-            "window_size": window_size,
-            "warmup": warmup,
-            "filter_type": filter_type,
-            "normalize": normalize,
-            "state_dtype": resolve_state_dtype(state_dtype),
-            "resum_every": resum_every,
+        rule: dict[str, Any] = {}
+        if speedup is not None:
+            if alpha != 0.98 or window_size != 100:
+                raise ValueError("Pass either `speedup` or `alpha`/`window_size`: `speedup` sets them by the rule.")
+            rule = FilterConfig.speedup_settings(speedup, filter)
+        self.config = FilterConfig(
+            filter=filter,
+            alpha=rule.get("alpha", alpha),
+            lamb=lamb,
+            window_size=rule.get("window_size", window_size),
+            ma_lamb=ma_lamb,
+            warmup=warmup,
+            filter_type=filter_type,
+            normalize=normalize,
+            state_dtype=state_dtype,
+            resum_every=resum_every,
+            check_finite=check_finite,
+            orthogonal=orthogonal,
+            max_amplified_ratio=max_amplified_ratio,
+        )
+        self.start_step = check_int(start_step, "start_step")
+        self._enabled = check_bool(enabled, "enabled")
+        self.log_stats = check_bool(log_stats, "log_stats")
+        self.selection = ParamSelection(
+            as_pattern_list(exclude, "exclude"), as_pattern_factors(lamb_scale, "lamb_scale")
+        )
+        self._user = {
+            "config": self.config.to_dict(),
+            "start_step": self.start_step,
+            "enabled": self.enabled,
+            "exclude": [p.pattern for p in self.selection.exclude],
+            "lamb_scale": [[p.pattern, f] for p, f in self.selection.lamb_scale],
         }
-        # validate the remaining arguments now, by building a filter once
-        self._make_filter()
-        self._entries: dict[int, _OptimizerEntry] = {}
-        self._pending_state: dict[str, Any] = {}
+        self._bindings: dict[int, OptimizerBinding] = {}
+        self._indices: dict[int, int] = {}
+        self._last_step: dict[int, int] = {}
+        self._restored: dict[str, Any] = {}
         self._sharded = False
 
-    # ------------------------------------------------------------------ hyperparameters
+    @classmethod
+    def from_speedup(cls, speedup: float, filter: str = "ema", **kwargs: Any) -> GrokfastCallback:
+        """A callback tuned by the authors' rule of thumb for a target acceleration ``speedup`` (``N``).
+
+        ``N`` is how many times sooner generalization should come: the filter averages over about ``N`` steps
+        (``window_size = N``; for the EMA, ``alpha**N = 0.1``).
+
+        Raises:
+            ValueError: If ``speedup`` is not a number > 1, or an argument is out of its range.
+
+        """
+        return cls(filter=filter, speedup=speedup, **kwargs)
+
+    # ------------------------------------------------------------------ settings
     @property
+    @override
     def state_key(self) -> str:
-        return self._generate_state_key(filter=self.filter)
+        extra: dict[str, Any] = {}
+        if self._user["exclude"]:
+            extra["exclude"] = self._user["exclude"]
+        if self._user["lamb_scale"]:
+            extra["lamb_scale"] = self._user["lamb_scale"]
+        return self._generate_state_key(filter=self.config.filter, **extra)
 
     @property
-    def alpha(self) -> float:
-        """EMA momentum, settable during training (e.g. by an adaptive-alpha schedule)."""
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha = check_alpha(value)
-        for entry in self._entries.values():
-            entry.filter.alpha = self._alpha
+    def filter(self) -> str:
+        return self.config.filter
 
     @property
-    def lamb(self) -> float:
-        """Amplification factor, settable during training (e.g. boosted by the grokking detector)."""
-        return self._lamb
+    def enabled(self) -> bool:
+        """On/off switch, settable during training. Off, gradients and filter state are left alone and the
+        parameters are free for another filter (e.g. a second callback taking over)."""
+        return self._enabled
 
-    @lamb.setter
-    def lamb(self, value: float) -> None:
-        self._lamb = check_lamb(value)
-        for entry in self._entries.values():
-            entry.filter.lamb = self._lamb
-
-    @property
-    def ma_lamb(self) -> float:
-        """Amplification of the moving-average term with ``filter="ema+ma"``."""
-        return self._ma_lamb
-
-    @ma_lamb.setter
-    def ma_lamb(self, value: float) -> None:
-        self._ma_lamb = check_lamb(value, "ma_lamb")
-        for entry in self._entries.values():
-            entry.filter.ma_lamb = self._ma_lamb
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = check_bool(value, "enabled")
+        if not self._enabled:
+            for binding in self._bindings.values():
+                binding.unclaim()
 
     def boost_lamb(self, factor: float, max_lamb: float | None = None) -> float:
         """Multiply every amplification (``lamb`` and ``ma_lamb``) by ``factor``, capped at ``max_lamb``.
@@ -170,172 +189,257 @@ class GrokfastCallback(Callback):
         Returns:
             The new ``lamb``.
 
+        Raises:
+            ValueError: If ``factor`` or ``max_lamb`` is negative or not finite.
+
         """
-        check_lamb(factor, "factor")
+        factor = check_lamb(factor, "factor")
         cap = float("inf") if max_lamb is None else check_lamb(max_lamb, "max_lamb")
-        self.lamb = min(self._lamb * factor, max(cap, self._lamb))
-        self.ma_lamb = min(self._ma_lamb * factor, max(cap, self._ma_lamb))
-        return self._lamb
+        self.lamb = min(self.lamb * factor, max(cap, self.lamb))
+        self.ma_lamb = min(self.ma_lamb * factor, max(cap, self.ma_lamb))
+        return self.lamb
+
+    @property
+    def exclude(self) -> list[re.Pattern[str]]:
+        """The compiled ``exclude`` patterns."""
+        return self.selection.exclude
+
+    @property
+    def lamb_scale(self) -> list[tuple[re.Pattern[str], float]]:
+        """The compiled ``(pattern, factor)`` pairs of ``lamb_scale``."""
+        return self.selection.lamb_scale
 
     @property
     def filters(self) -> dict[int, GradientFilter]:
         """The filter of each optimizer seen so far, by its index in ``trainer.optimizers``."""
-        return {entry.index: entry.filter for entry in self._entries.values()}
-
-    def _make_filter(self) -> GradientFilter:
-        return GradientFilter(
-            self.filter, alpha=self._alpha, lamb=self._lamb, ma_lamb=self._ma_lamb, **self._filter_kwargs
-        )
+        return {self._indices[key]: binding.filter for key, binding in self._bindings.items()}
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy_names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        if "DeepSpeedStrategy" in strategy_names:
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        if "DeepSpeedStrategy" in names:
             raise MisconfigurationException(
                 "GrokfastCallback does not support DeepSpeed: with ZeRO the gradients are partitioned (`p.grad` is"
                 " None in `on_before_optimizer_step`) and DeepSpeed accumulates micro-batches itself, so the filter"
-                " would run on no gradient or on every micro-batch. Use DDP or FSDP."
+                " would run on no gradient or on every micro-batch. Use DDP, FSDP or ModelParallelStrategy."
             )
-        self._sharded = bool(strategy_names & {"FSDPStrategy", "ModelParallelStrategy"})
-        if self._sharded:
-            rank_zero_warn(
-                "GrokfastCallback under FSDP filters each rank's gradient shard (correct, the filter is element-wise),"
-                " but its state is per shard and is not saved in checkpoints: a resumed run restarts the filter."
-            )
+        self._sharded = bool(names & {"FSDPStrategy", "ModelParallelStrategy"})
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind_all(trainer, pl_module)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if not self.enabled:
             return
-        entry = self._entries.get(id(optimizer))
-        if entry is None:
-            entry = self._register(trainer, pl_module, optimizer)
-        global_step = trainer.global_step
-        if entry.last_global_step == global_step:
-            raise MisconfigurationException(
-                "GrokfastCallback saw `on_before_optimizer_step` twice for the same optimizer within one optimizer step"
-                f" (global_step={global_step}). This happens when the closure is evaluated several times per step, e.g."
-                " with LBFGS; the filter would be updated more than once per step. Such optimizers are not supported."
-            )
-        entry.last_global_step = global_step
-
-        params = entry.params
-        grads = [p.grad for p in params]
-        names = entry.names
-        if not all(g is not None for g in grads):
-            present = [i for i, g in enumerate(grads) if g is not None]
-            names = tuple(names[i] for i in present)
-            grads = [grads[i] for i in present]
-            if not grads:
-                return
-
+        binding = self._bindings.get(id(optimizer)) or self._bind(trainer, pl_module, optimizer)
+        self._check_once_per_step(trainer, optimizer)
         compute_norms = self.log_stats and is_logging_step(trainer)
-        info = entry.filter.step(
-            names,
-            grads,
-            amplify=global_step >= self.start_step,
-            found_inf=scaler_found_inf(trainer_scaler(trainer), optimizer),
+        info = binding.step(
+            amplify=trainer.global_step >= self.start_step,
+            found_inf=self._found_inf(trainer, binding),
             compute_norms=compute_norms,
         )
-        if compute_norms:
-            self._log(pl_module, entry, info.grad_norm, info.slow_norm)
+        if compute_norms and info is not None:
+            self._log(pl_module, binding, info)
 
-    def _register(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> _OptimizerEntry:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for binding in self._bindings.values():
+            binding.unclaim()  # keeps the checkpoint link: `trainer.save_checkpoint` after `fit` still saves the state
+
+    # ------------------------------------------------------------------ binding optimizers
+    def _bind_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind every optimizer before Lightning restores optimizer state (so the filter state is read back)."""
+        current = {id(opt) for opt in trainer.optimizers}
+        stale = [key for key in self._bindings if key not in current]
+        if stale:
+            had_state = any(self._bindings[key].filter.states for key in stale)
+            for key in stale:
+                self._bindings.pop(key).release()
+                self._indices.pop(key, None)
+            if had_state:
+                rank_zero_info(
+                    "GrokfastCallback: this fit has new optimizers, so its filters start afresh (as the optimizers'"
+                    " own state does). Resume from a checkpoint to continue a run."
+                )
+        for optimizer in trainer.optimizers:
+            if id(optimizer) not in self._bindings:
+                self._bind(trainer, pl_module, optimizer)
+            else:  # the same optimizer again: continue, re-reading its parameters
+                self._bindings[id(optimizer)].refresh(_names(pl_module))
+
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> OptimizerBinding:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise MisconfigurationException(
                 "GrokfastCallback does not support LBFGS: its closure is evaluated several times per step, so there is"
                 " no single gradient per step to filter."
             )
-        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), len(self._entries))
-        names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
-        params: list[Tensor] = []
-        names: list[str] = []
-        for g, group in enumerate(optimizer.param_groups):
-            for j, param in enumerate(group["params"]):
-                name = names_by_id.get(id(param), f"optimizer{index}.group{g}.param{j}")
-                if any(p.search(name) for p in self.exclude):
-                    continue
-                params.append(param)
-                names.append(name)
-        filt = self._make_filter()
-        filt.set_lamb_scales(
-            {
-                n: next(f for p, f in self.lamb_scale if p.search(n))
-                for n in names
-                if any(p.search(n) for p, _ in self.lamb_scale)
-            }
-        )
-        pending = self._pending_state.pop(str(index), None)
-        if pending is not None:
-            _check_matches(pending, dict(zip(names, params)), index)
-            filt.load_state_dict(pending, load_hyperparameters=False)
-            filt.place({name: param.device for name, param in zip(names, params)})
-        entry = _OptimizerEntry(index, params, tuple(names), filt)
-        self._entries[id(optimizer)] = entry
-        return entry
+        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), len(self._bindings))
+        try:
+            binding = OptimizerBinding(
+                optimizer,
+                self.config,
+                names=_names(pl_module),
+                selection=self.selection,
+                prefix=f"optimizer{index}.",
+                owner=f"GrokfastCallback(state_key={self.state_key!r})",
+            )
+            if self.enabled:
+                binding.claim()  # overlapping callbacks fail at the start of fit, not at their first step
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self._bindings[id(optimizer)] = binding
+        self._indices[id(optimizer)] = index
+        self._restore_counters(binding, index)
+        return binding
 
-    def _log(
-        self, pl_module: pl.LightningModule, entry: _OptimizerEntry, grad_norm: Tensor | None, slow_norm: Tensor | None
-    ) -> None:
-        prefix = "grokfast/" if entry.index == 0 else f"grokfast/optimizer{entry.index}/"
+    def _check_once_per_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+        if self._last_step.get(id(optimizer)) == trainer.global_step:
+            raise MisconfigurationException(
+                "GrokfastCallback saw `on_before_optimizer_step` twice for the same optimizer within one optimizer step"
+                f" (global_step={trainer.global_step}). This happens when the closure is evaluated several times per"
+                " step, e.g. with LBFGS; the filter would be updated more than once per step. Not supported."
+            )
+        self._last_step[id(optimizer)] = trainer.global_step
+
+    def _found_inf(self, trainer: pl.Trainer, binding: OptimizerBinding) -> Tensor | None:
+        """The AMP scaler's verdict; under sharding without one, every rank's verdict, so all ranks agree."""
+        try:
+            found_inf = scaler_found_inf(trainer_scaler(trainer), binding.optimizer)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        if found_inf is None and self._sharded and self.config.check_finite and trainer.world_size > 1:
+            found_inf = binding.filter.local_found_inf([p.grad for p in binding.params if p.grad is not None])
+            found_inf = trainer.strategy.reduce(found_inf, reduce_op="sum")
+        return found_inf
+
+    def _log(self, pl_module: pl.LightningModule, binding: OptimizerBinding, info: StepInfo) -> None:
+        index = self._indices.get(id(binding.optimizer), 0)
+        prefix = "grokfast/" if index == 0 else f"grokfast/optimizer{index}/"
         metrics: dict[str, Any] = {
-            f"{prefix}lamb": self._lamb,
-            f"{prefix}skipped_steps": entry.filter.skipped_steps_for_logging,
+            f"{prefix}lamb": self.lamb,
+            f"{prefix}skipped_steps": float(binding.filter.skipped_steps),
         }
-        if self.filter != "ma":
-            metrics[f"{prefix}alpha"] = self._alpha
-        if self.filter == "ema+ma":
-            metrics[f"{prefix}ma_lamb"] = self._ma_lamb
-        if grad_norm is not None:
-            metrics[f"{prefix}grad_norm"] = grad_norm
-        if slow_norm is not None:
-            metrics[f"{prefix}slow_norm"] = slow_norm
-            if grad_norm is not None:
-                metrics[f"{prefix}slow_to_grad_ratio"] = slow_norm / grad_norm.clamp_min(1e-30)
+        if self.config.uses_ema:
+            metrics[f"{prefix}alpha"] = self.alpha
+        if self.config.filter == "ema+ma":
+            metrics[f"{prefix}ma_lamb"] = self.ma_lamb
+        if info.grad_norm is not None:
+            metrics[f"{prefix}grad_norm"] = info.grad_norm
+        if info.slow_norm is not None:
+            metrics[f"{prefix}slow_norm"] = info.slow_norm
+            if info.grad_norm is not None:
+                metrics[f"{prefix}slow_to_grad_ratio"] = info.slow_norm / info.grad_norm.clamp_min(1e-30)
+        if info.guard_scale is not None:
+            metrics[f"{prefix}guard_scale"] = info.guard_scale
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
-        filters: dict[str, Any] = dict(self._pending_state)
-        if not self._sharded:
-            for entry in self._entries.values():
-                filters[str(entry.index)] = entry.filter.state_dict()
+        counters = {str(self._indices[k]): b.filter.counters() for k, b in self._bindings.items()}
         return {
             "format": _STATE_FORMAT,
-            "filter": self.filter,
-            "alpha": self._alpha,
-            "lamb": self._lamb,
-            "ma_lamb": self._ma_lamb,
-            "enabled": self.enabled,
-            "filters": filters,
+            **self.config.structure(),
+            "user": self._user,
+            "tunables": self.config.tunables(),
+            "counters": {**self._restored.get("counters", {}), **counters},
+            "legacy_filters": self._restored.get("legacy_filters", {}),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("format") != _STATE_FORMAT:
-            raise ValueError(f"Unknown GrokfastCallback state format {state_dict.get('format')!r}.")
-        if state_dict["filter"] != self.filter:
+        version = state_dict.get("format")
+        if version not in (1, _STATE_FORMAT):
             raise ValueError(
-                f"The checkpoint's GrokfastCallback used filter={state_dict['filter']!r},"
-                f" this one uses {self.filter!r}."
+                f"Unknown GrokfastCallback state format {version!r}: this release (0.2) reads checkpoints of"
+                " lightning-grokfast 0.1 (format 1) and 0.2 (format 2)."
             )
-        self.alpha, self.lamb, self.ma_lamb = state_dict["alpha"], state_dict["lamb"], state_dict["ma_lamb"]
-        self.enabled = bool(state_dict["enabled"])
-        self._entries.clear()
-        self._pending_state = dict(state_dict["filters"])
+        if version == 1:  # 0.1 kept no window size here (its filter states are checked when they load)
+            check_structure({**state_dict, "window_size": self.config.window_size}, self.config, "checkpoint")
+        else:
+            check_structure(state_dict, self.config, "GrokfastCallback state in the checkpoint")
+        if version == 1:  # 0.1 kept the filter state here, by optimizer index and parameter name
+            saved_user, tunables = None, {k: state_dict[k] for k in ("alpha", "lamb", "ma_lamb")}
+            self._restored = {"legacy_filters": dict(state_dict["filters"]), "counters": {}}
+        else:
+            saved_user, tunables = state_dict["user"], state_dict["tunables"]
+            self._restored = {"legacy_filters": dict(state_dict.get("legacy_filters", {}))}
+            self._restored["counters"] = dict(state_dict.get("counters", {}))
+        self._apply_restored_settings(saved_user, tunables, version)
+        for key, binding in self._bindings.items():  # bound already (strategies that restore after setup)
+            self._restore_counters(binding, self._indices[key])
+
+    def _apply_restored_settings(
+        self, saved_user: Mapping[str, Any] | None, tunables: Mapping[str, Any], version: int
+    ) -> None:
+        """The constructor's configuration wins; training's own changes are restored if the configuration matches."""
+        differences = _differences(saved_user, self._user) if saved_user is not None else []
+        if saved_user is not None and not differences:
+            for name, value in tunables.items():
+                setattr(self.config, name, value)
+            return
+        if saved_user is None:
+            differences = [
+                f"{k}: checkpoint {tunables[k]!r}, now {getattr(self.config, k)!r}"
+                for k in ("alpha", "lamb", "ma_lamb")
+                if float(tunables[k]) != float(getattr(self.config, k))
+            ]
+        if differences:
+            rank_zero_warn(
+                "GrokfastCallback: the configuration passed now differs from the checkpoint's"
+                f" ({'; '.join(differences)}). The configuration passed now is used"
+                + (" (a 0.1 checkpoint does not say which values training changed)." if version == 1 else ".")
+            )
+
+    def _restore_counters(self, binding: OptimizerBinding, index: int) -> None:
+        counters = self._restored.get("counters", {}).get(str(index))
+        if counters is not None:
+            binding.filter.load_counters(counters)
+        legacy = self._restored.get("legacy_filters", {}).pop(str(index), None)
+        if legacy is not None:
+            _load_legacy(binding, legacy, index)
 
 
-def _check_matches(state: dict[str, Any], params: dict[str, Tensor], index: int) -> None:
-    """Raise if the saved filter state does not fit the optimizer's parameters."""
-    saved = state["params"]
-    missing = sorted(set(saved) - set(params))
+def _names(pl_module: pl.LightningModule) -> dict[int, str]:
+    return {id(p): n for n, p in pl_module.named_parameters()}
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    out = []
+    for key in ("config", *_USER_FIELDS):
+        before, after = saved.get(key), now.get(key)
+        if key == "config" and isinstance(before, Mapping) and isinstance(after, Mapping):
+            out += [f"{k}: checkpoint {before.get(k)!r}, now {v!r}" for k, v in after.items() if before.get(k) != v]
+        elif _plain(before) != _plain(after):
+            out.append(f"{key}: checkpoint {before!r}, now {after!r}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _load_legacy(binding: OptimizerBinding, state: Mapping[str, Any], index: int) -> None:
+    """Load the per-name filter state a 0.1 checkpoint kept in the callback state."""
+    params = dict(zip(binding.names, binding.params))
     problems = []
+    missing = sorted(set(state["params"]) - set(params))
     if missing:
         problems.append(f"the checkpoint has filter state for parameters this model's optimizer lacks: {missing[:10]}")
-    for name, entry in saved.items():
+    for name, entry in state["params"].items():
         if name in params:
             shape = tuple(entry["ema"].shape if "ema" in entry else entry["ma_history"].shape[1:])
             if shape != tuple(params[name].shape):
                 problems.append(f"{name!r} has shape {tuple(params[name].shape)} but its saved state has shape {shape}")
     if problems:
         raise ValueError(f"Cannot resume GrokfastCallback state for optimizer {index}: " + "; ".join(problems[:10]))
+    binding.filter.load_state_dict(state, load_hyperparameters=False)
+    binding.filter.place({name: param.device for name, param in params.items()})

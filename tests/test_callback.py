@@ -313,8 +313,12 @@ def test_checkpoint_loads_with_weights_only_and_holds_state_by_parameter_name(tm
     run.fit(TinyModel())
     run.save_checkpoint(tmp_path / "c.ckpt")
     checkpoint = torch.load(tmp_path / "c.ckpt", weights_only=True)
-    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("GrokfastCallback")]
-    assert set(state["filters"]["0"]["params"]) == {"body.weight", "body.bias", "head.weight", "head.bias"}
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    # the filter state travels with the optimizer's, per parameter (index order: body.weight, body.bias, head...)
+    for entry in optimizer_state["state"].values():
+        assert entry["grokfast_ma_history"].shape[0] == 2
+        assert entry["grokfast_ma_count"] == 2
+    assert len(optimizer_state["state"]) == 4
 
 
 def test_boosted_lamb_is_restored_on_resume(tmp_path: Path):
@@ -341,20 +345,17 @@ def test_resuming_filter_state_into_a_different_model_names_the_mismatch(tmp_pat
     run.fit(TinyModel())
     run.save_checkpoint(tmp_path / "c.ckpt")
     state = torch.load(tmp_path / "c.ckpt", weights_only=True)
-    # keep the model weights loadable; only the filter state is for the old shapes
+    # keep the model weights loadable; only the filter state (in the optimizer state) is for the old shapes
     state["state_dict"] = Wider().state_dict()
-    state["optimizer_states"] = []
     torch.save(state, tmp_path / "mismatch.ckpt")
-    callback = GrokfastCallback()
-    callback.load_state_dict(next(v for k, v in state["callbacks"].items() if k.startswith("GrokfastCallback")))
-    with pytest.raises(ValueError, match=r"'body.weight' has shape \(5, 4\) but its saved state has shape \(3, 4\)"):
-        trainer(max_steps=4, callbacks=[callback]).fit(Wider())
+    with pytest.raises(ValueError, match=r"'body.weight' has shape \(3, 4\), its parameter \(5, 4\)"):
+        trainer(max_steps=4, callbacks=[GrokfastCallback()]).fit(Wider(), ckpt_path=tmp_path / "mismatch.ckpt")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"filter": "kalman"}, r"`filter` must be one of \['ema', 'ma', 'ema\+ma'\]"),
+        ({"filter": "kalman"}, r"`filter` must be one of \['ema', 'ma', 'ema\+ma', 'none'\]"),
         ({"alpha": 1.2}, r"`alpha` must be a number in \[0, 1\)"),
         ({"lamb": -0.5}, "`lamb` must be a finite number >= 0"),
         ({"window_size": 0}, "`window_size` must be an integer >= 1"),

@@ -31,3 +31,13 @@ def test_example_runs_tiny_and_draws_the_accuracy_figure(
     monkeypatch.setattr(sys, "argv", [str(script), *EXAMPLES[name]])
     runpy.run_path(str(script), run_name="__main__")
     assert len(list(tmp_path.rglob("grokking_accuracy.png"))) == 1
+
+
+@pytest.mark.parametrize("name", ["plain_loop", "fabric_loop"])
+def test_loop_example_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    script = ROOT / "examples" / f"{name}.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert any(tmp_path.glob("*.pt")) or any(tmp_path.glob("*.ckpt"))

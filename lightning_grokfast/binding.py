@@ -1,0 +1,202 @@
+"""One optimizer bound to one filter: which parameters are filtered, under which names, and their checkpoint link.
+
+Shared by every entry point that filters an optimizer's gradients (``GrokfastCallback`` and ``attach_grokfast``):
+they decide *when* to call :meth:`OptimizerBinding.step`; this module decides *which* gradients. Pure torch.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_grokfast.config import FilterConfig
+from lightning_grokfast.filters import GradientFilter, ParamState, StepInfo
+from lightning_grokfast.optim_state import OptimizerStateLink, unwrap_optimizer
+
+__all__ = ["OptimizerBinding", "ParamSelection"]
+
+# id(parameter) -> the binding that filters it (a gradient must never be filtered twice). A live binding holds its
+# parameters, so their ids cannot be reused while the entry exists.
+_OWNERS: weakref.WeakValueDictionary[int, OptimizerBinding] = weakref.WeakValueDictionary()
+
+
+class ParamSelection:
+    """Which parameters a filter takes, by name: ``exclude`` patterns and per-pattern ``lamb`` factors.
+
+    Args:
+        exclude: compiled patterns; a parameter whose name matches any (``re.search``) is not filtered.
+        lamb_scale: compiled ``(pattern, factor)`` pairs; the first match multiplies that parameter's amplification.
+
+    """
+
+    def __init__(
+        self, exclude: Sequence[re.Pattern[str]] = (), lamb_scale: Sequence[tuple[re.Pattern[str], float]] = ()
+    ) -> None:
+        self.exclude = list(exclude)
+        self.lamb_scale = list(lamb_scale)
+
+    def takes(self, name: str) -> bool:
+        return not any(p.search(name) for p in self.exclude)
+
+    def scales(self, names: Sequence[str]) -> dict[str, float]:
+        out = {}
+        for name in names:
+            factor = next((f for p, f in self.lamb_scale if p.search(name)), None)
+            if factor is not None:
+                out[name] = factor
+        return out
+
+
+class OptimizerBinding:
+    """The filtered parameters of one optimizer, their names, their filter and its checkpoint link.
+
+    Parameters are de-duplicated by identity (a tied weight listed twice is filtered once), and the optimizer's
+    parameter groups are re-read whenever their layout changes, so parameters added during training
+    (``add_param_group``, e.g. by Lightning's ``BackboneFinetuning``) are filtered from their first gradient on.
+
+    Args:
+        optimizer: the optimizer (wrappers with ``.optimizer`` are unwrapped).
+        config: the filter configuration (shared, not copied).
+        names: parameter names by ``id(param)``; unnamed parameters are called ``{prefix}group{g}.param{j}``.
+        selection: which parameters are taken and their ``lamb`` factors.
+        prefix: prefix of the fallback names.
+        owner: a description of who binds (used in error messages), e.g. ``"GrokfastCallback(filter='ema')"``.
+        extras: passed to :class:`~lightning_grokfast.optim_state.OptimizerStateLink`.
+        placeholders: build zero state for tracked parameters without state in ``state_dict()`` (load templates).
+
+    A binding *claims* its parameters when it first filters them (or when :meth:`claim` is called): a gradient
+    claimed by two live bindings would be amplified twice, so that raises.
+
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        config: FilterConfig,
+        *,
+        names: Mapping[int, str] | None = None,
+        selection: ParamSelection | None = None,
+        prefix: str = "",
+        owner: str = "a Grokfast filter",
+        extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
+        placeholders: Callable[[Tensor], ParamState] | None = None,
+    ) -> None:
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.filter = GradientFilter(config=config)
+        self.selection = selection or ParamSelection()
+        self.owner = owner
+        self._names = dict(names or {})
+        self._prefix = prefix
+        self._layout: tuple[int, ...] = ()
+        self.params: list[Tensor] = []
+        self.names: tuple[str, ...] = ()
+        self._claimed = False
+        self.link = OptimizerStateLink(
+            self.optimizer, self.filter, extras=extras, placeholders=placeholders, before_access=self.refresh
+        )
+        self.refresh()
+
+    def refresh(self, names: Mapping[int, str] | None = None) -> bool:
+        """Re-read the optimizer's parameters if their layout changed (or new ``names`` are given).
+
+        Returns:
+            Whether the filtered parameters changed.
+
+        Raises:
+            ValueError: If this binding has claimed its parameters and a newly seen one is claimed by another.
+
+        """
+        if names is not None:
+            self._names = dict(names)
+        layout = tuple(len(g["params"]) for g in self.optimizer.param_groups)
+        if layout == self._layout and names is None:
+            return False
+        params: list[Tensor] = []
+        param_names: list[str] = []
+        seen: set[int] = set()
+        for g, group in enumerate(self.optimizer.param_groups):
+            for j, param in enumerate(group["params"]):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = self._names.get(id(param), f"{self._prefix}group{g}.param{j}")
+                if self.selection.takes(name):
+                    params.append(param)
+                    param_names.append(name)
+        if self._claimed:
+            self._claim(params, param_names)
+        self._layout, self.params, self.names = layout, params, tuple(param_names)
+        self.filter.set_lamb_scales(self.selection.scales(param_names))
+        self.link.track(self.names, self.params)
+        return True
+
+    def claim(self) -> None:
+        """Mark the parameters as filtered by this binding (done by the first :meth:`step` at the latest).
+
+        Raises:
+            ValueError: If another binding filters one of them.
+
+        """
+        self._claim(self.params, list(self.names))
+        self._claimed = True
+
+    def _claim(self, params: list[Tensor], names: list[str]) -> None:
+        owners = [(n, _OWNERS.get(id(p))) for n, p in zip(names, params)]
+        clashes = [(n, o) for n, o in owners if o is not None and o is not self]
+        if clashes:
+            other = clashes[0][1]
+            raise ValueError(
+                f"{self.owner} and {other.owner} would both filter the gradients of {[n for n, _ in clashes][:5]}"
+                f" (each gradient would be amplified twice). Give each filter a disjoint set of parameters, e.g. with"
+                " `exclude` patterns."
+            )
+        for param in self.params:
+            _OWNERS.pop(id(param), None)
+        for param in params:
+            _OWNERS[id(param)] = self
+
+    def step(
+        self, *, amplify: bool = True, found_inf: Tensor | None = None, compute_norms: bool = False
+    ) -> StepInfo | None:
+        """Filter the gradients present now (parameters without one are left alone, their state too).
+
+        Returns:
+            The filter's :class:`~lightning_grokfast.filters.StepInfo`, or ``None`` when no parameter has a gradient.
+
+        """
+        self.refresh()
+        if not self._claimed:
+            self.claim()
+        params, names = self.params, self.names
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                return None
+            params = [params[i] for i in present]
+            names = tuple(names[i] for i in present)
+            grads = [grads[i] for i in present]
+        return self.filter.step(
+            names,
+            grads,  # type: ignore[arg-type]
+            params=params if self.filter.config.orthogonal else None,
+            amplify=amplify,
+            found_inf=found_inf,
+            compute_norms=compute_norms,
+        )
+
+    def release(self) -> None:
+        """Remove the checkpoint hooks and give the parameters free for another filter."""
+        self.link.remove()
+        self.unclaim()
+
+    def unclaim(self) -> None:
+        """Give the parameters free for another filter (e.g. when training with this binding is over)."""
+        self._claimed = False
+        for param in self.params:
+            if _OWNERS.get(id(param)) is self:
+                del _OWNERS[id(param)]

@@ -1,0 +1,111 @@
+"""The functional core of the Grokfast filters: stateless ``torch._foreach_*`` updates over lists of tensors.
+
+As ``torch.optim.adam``'s ``_multi_tensor_adam``, these functions know nothing of names, parameters or checkpoints:
+every list holds tensors of one device and dtype, state lists are updated in place, and nothing reads a value back
+to the host. :class:`~lightning_grokfast.filters.GradientFilter` groups tensors and calls them; so does everything
+built on it (the Lightning callback, ``attach_grokfast`` and the drop-in functions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_scaled_",
+    "all_finite",
+    "ema_update_",
+    "global_norm",
+    "ma_resum_",
+    "ma_update_",
+    "orthogonalize_",
+    "squared_norms",
+]
+
+
+def squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Per-tensor squared L2 norms as one float32 (float64 for float64 input) vector (one foreach call)."""
+    if tensors[0].dtype in (torch.float16, torch.bfloat16):
+        norms = torch._foreach_norm(tensors, dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(tensors)
+    return torch.stack(norms).square()
+
+
+def global_norm(per_tensor_sq: Sequence[Tensor], device: torch.device) -> Tensor:
+    """L2 norm over several vectors of squared norms (on ``device``; no synchronization)."""
+    return torch.stack([s.to(device, torch.float32).sum() for s in per_tensor_sq]).sum().sqrt()
+
+
+def all_finite(per_tensor_sq: Sequence[Tensor], device: torch.device) -> Tensor:
+    """0-dim bool tensor on ``device``: every squared norm is finite (so every element of every tensor is)."""
+    return torch.stack([s.to(device).isfinite().all() for s in per_tensor_sq]).all()
+
+
+def ema_update_(ema: list[Tensor], grads: list[Tensor], weight: float | list[float]) -> None:
+    """``ema <- ema + weight * (grad - ema)`` in place; ``weight`` 1.0 starts an EMA at its gradient."""
+    torch._foreach_lerp_(ema, grads, weight)
+
+
+def ma_update_(ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor]) -> None:
+    """Slide a window by one: ``sum <- sum - oldest + grad`` and overwrite the oldest slot with ``grad``.
+
+    ``ma_sum`` may be of a wider dtype than the window (float32 for a bfloat16 window): what is subtracted later
+    is exactly what is added now, so the sum drifts only by its own rounding.
+    """
+    if ma_sum[0].dtype == oldest[0].dtype:
+        torch._foreach_sub_(ma_sum, oldest)
+    else:
+        torch._foreach_sub_(ma_sum, [o.to(ma_sum[0].dtype) for o in oldest])
+    torch._foreach_copy_(oldest, grads)
+    if ma_sum[0].dtype == grads[0].dtype:
+        torch._foreach_add_(ma_sum, grads)
+    else:
+        torch._foreach_add_(ma_sum, [g.to(ma_sum[0].dtype) for g in grads])
+
+
+def ma_resum_(ma_sum: list[Tensor], windows: list[Tensor]) -> None:
+    """Recompute each running sum exactly from its window (``windows[i]`` of shape ``(window, *shape)``)."""
+    for total, window in zip(ma_sum, windows):
+        torch.sum(window, dim=0, dtype=total.dtype, out=total)
+
+
+def add_scaled_(grads: list[Tensor], state: list[Tensor], coef: float | Tensor) -> None:
+    """``grad <- grad + coef * state`` in place (``coef`` a float or a 0-dim tensor; dtypes may differ)."""
+    if isinstance(coef, float) and coef == 0.0:
+        return
+    if state[0].dtype == grads[0].dtype:
+        if isinstance(coef, Tensor):
+            torch._foreach_add_(grads, torch._foreach_mul(state, coef))
+        else:
+            torch._foreach_add_(grads, state, alpha=coef)
+    else:
+        scaled = torch._foreach_mul(state, coef)
+        torch._foreach_add_(grads, [s.to(g.dtype) for s, g in zip(scaled, grads)])
+
+
+def orthogonalize_(grads: list[Tensor], params: list[Tensor], eps: float = 1e-30) -> None:
+    r"""⊥Grad in place: ``g <- |g| * u / |u|`` with ``u = g - (<g, w> / <w, w>) w`` for each gradient ``g`` of ``w``.
+
+    The inner products come from L1 norms (``<g, w> = 2 |max(g*w, 0)|_1 - |g*w|_1``), so all work is foreach calls
+    and nothing is read back to the host. Low-precision gradients are projected in float32. A parameter of zero norm
+    keeps its gradient; a gradient (numerically) parallel to its parameter becomes zero.
+    """
+    work_dtype = torch.float32 if grads[0].dtype in (torch.float16, torch.bfloat16) else grads[0].dtype
+    g = grads if grads[0].dtype == work_dtype else [t.to(work_dtype) for t in grads]
+    w = [p.to(work_dtype) for p in params]
+    products = torch._foreach_mul(g, w)
+    total = torch.stack(torch._foreach_norm(products, 1))
+    torch._foreach_clamp_min_(products, 0.0)
+    dots = 2.0 * torch.stack(torch._foreach_norm(products, 1)) - total
+    param_sq = torch.stack(torch._foreach_norm(w)).square()
+    grad_norms = torch.stack(torch._foreach_norm(g))
+    coefs = torch.where(param_sq > 0, -dots / param_sq.clamp_min(eps), torch.zeros_like(dots))
+    perp = torch._foreach_add(g, torch._foreach_mul(w, list(coefs.unbind())))
+    perp_norms = torch.stack(torch._foreach_norm(perp))
+    tiny = perp_norms <= 4.0 * torch.finfo(work_dtype).eps * grad_norms
+    scales = torch.where(tiny, torch.zeros_like(perp_norms), grad_norms / perp_norms.clamp_min(eps))
+    torch._foreach_mul_(perp, list(scales.unbind()))
+    torch._foreach_copy_(grads, perp)

@@ -1,0 +1,180 @@
+"""The filter state inside ``optimizer.state_dict()``: per parameter, beside the optimizer's own state.
+
+Whatever checkpoints the optimizer then checkpoints the filter: ``torch.save(optimizer.state_dict())`` in a plain
+loop, Fabric's and Lightning's checkpoints, and (because every entry is keyed by its parameter) the sharded
+checkpoints of FSDP2, where each rank writes and reads only its own shard.
+
+Two torch hooks do the work, so the optimizer's live state is never touched:
+
+* a ``state_dict`` post-hook copies each filtered parameter's entry dict and adds the filter's tensors under
+  ``grokfast_*`` keys (live tensors, as the optimizer's own state is);
+* a ``load_state_dict`` pre-hook takes those keys out again *before* torch casts floating state to the
+  parameter's dtype (a float32 EMA of a bfloat16 parameter stays float32) and hands them to the filter.
+
+The optimizer's own per-parameter dicts never receive a ``grokfast_*`` key, so optimizers that initialise their
+state only when it is empty (``torch.optim.Adam`` does) are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_grokfast.filters import GradientFilter, ParamState
+
+__all__ = ["STATE_PREFIX", "OptimizerStateLink", "param_index_map", "unwrap_optimizer"]
+
+#: Prefix of the filter's keys in an optimizer state entry.
+STATE_PREFIX = "grokfast_"
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The ``torch.optim.Optimizer`` inside wrappers that keep it as ``.optimizer`` (Lightning's
+    ``LightningOptimizer``, Fabric's optimizer, Accelerate's ``AcceleratedOptimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            break
+        optimizer = inner
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"`optimizer` must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}.")
+    return optimizer
+
+
+def param_index_map(
+    param_groups: Sequence[Mapping[str, Any]], saved_groups: Sequence[Mapping[str, Any]]
+) -> Iterator[tuple[Any, Tensor]]:
+    """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``."""
+    for group, saved in zip(param_groups, saved_groups):
+        yield from zip(saved["params"], group["params"])
+
+
+class OptimizerStateLink:
+    """Keeps one :class:`~lightning_grokfast.filters.GradientFilter`'s state in an optimizer's ``state_dict``.
+
+    Args:
+        optimizer: the optimizer (wrappers with ``.optimizer`` are unwrapped).
+        filter: the filter whose state travels.
+        extras: optional pair ``(get, set)`` of callables for filter-wide plain values stored under the top-level
+            key ``"grokfast"`` of the state dict (``attach_grokfast`` keeps its counters there; the Lightning
+            callback keeps them in its own callback state instead).
+        placeholders: build a zero record for a tracked parameter that has no state yet, so that a load template
+            (e.g. ``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
+        before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
+            another callback re-added parameter groups just before a checkpoint is loaded).
+
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        filter: GradientFilter,
+        *,
+        extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
+        placeholders: Callable[[Tensor], ParamState] | None = None,
+        before_access: Callable[[], Any] | None = None,
+    ) -> None:
+        self.optimizer = unwrap_optimizer(optimizer)
+        self._before_access = before_access
+        self.filter = filter
+        self._extras = extras
+        self._placeholders = placeholders
+        self._names: dict[int, str] = {}
+        self._params: dict[int, Tensor] = {}
+        self.loaded_names: set[str] = set()
+        self._handles = [
+            self.optimizer.register_state_dict_post_hook(self._on_state_dict),
+            self.optimizer.register_load_state_dict_pre_hook(self._on_load_state_dict),
+        ]
+
+    def track(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Declare the filtered parameters and the names their filter state is keyed by (replaces the last call)."""
+        self._names = {id(p): n for n, p in zip(names, params)}
+        self._params = {id(p): p for p in params}
+
+    def remove(self) -> None:
+        """Detach the hooks (the optimizer's state dicts no longer carry the filter state)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks
+    def _on_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._before_access is not None:
+            self._before_access()
+        states = self.filter.states
+        for index, param in param_index_map(optimizer.param_groups, state_dict["param_groups"]):
+            name = self._names.get(id(param))
+            if name is None:
+                continue
+            record = states.get(name)
+            if record is None and self._placeholders is not None:
+                record = self._placeholders(param)
+            if record is None:
+                continue
+            entry = dict(state_dict["state"].get(index, {}))
+            entry.update({STATE_PREFIX + key: value for key, value in record.to_dict().items()})
+            state_dict["state"][index] = entry
+        if self._extras is not None:
+            state_dict["grokfast"] = self._extras[0]()
+        return state_dict
+
+    def _on_load_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._before_access is not None:
+            self._before_access()
+        by_index = dict(param_index_map(optimizer.param_groups, state_dict["param_groups"]))
+        state: dict[Any, Any] = {}
+        loaded: dict[str, ParamState] = {}
+        for index, entry in state_dict["state"].items():
+            param = by_index.get(index)
+            name = None if param is None else self._names.get(id(param))
+            ours = {k.removeprefix(STATE_PREFIX): v for k, v in entry.items() if k.startswith(STATE_PREFIX)}
+            if name is None or not ours:
+                state[index] = entry
+                continue
+            assert param is not None
+            loaded[name] = _placed(ParamState.from_dict(ours), param, name, self.filter)
+            rest = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
+            if rest:
+                state[index] = rest
+        if loaded:  # a checkpoint without filter state (0.1, or written without Grokfast) leaves the filter alone
+            self.filter.drop_state(list(self._names.values()))
+        for name, record in loaded.items():
+            self.filter.set_state(name, record)
+        self.loaded_names = set(loaded)
+        extras = state_dict.get("grokfast")
+        if self._extras is not None and extras is not None:
+            self._extras[1](extras)
+        out = {k: v for k, v in state_dict.items() if k != "grokfast"}
+        out["state"] = state
+        return out
+
+
+def _placed(record: ParamState, param: Tensor, name: str, filt: GradientFilter) -> ParamState:
+    """The loaded record on its parameter's device, checked against the filter's kind and window."""
+    config = filt.config
+    if (record.ema is not None) != config.uses_ema or (record.ma_sum is not None) != config.uses_ma:
+        saved = "+".join(k for k, t in (("ema", record.ema), ("ma", record.ma_sum)) if t is not None) or "none"
+        raise ValueError(
+            f"The checkpoint's Grokfast state for {name!r} was made by filter={saved!r}; this filter is"
+            f" {config.filter!r}. Resume with the same `filter`, or start the filter afresh without the checkpoint."
+        )
+    if record.ma_history is not None and record.ma_history.shape[0] != config.window_size:
+        raise ValueError(
+            f"The checkpoint's Grokfast state for {name!r} has window_size={record.ma_history.shape[0]}; this filter"
+            f" has window_size={config.window_size}."
+        )
+    if record.shape() != tuple(param.shape):
+        raise ValueError(
+            f"The checkpoint's Grokfast state for {name!r} has shape {record.shape()},"
+            f" its parameter {tuple(param.shape)}."
+        )
+    return record if _on_device(record, param.device) else record.to(param.device)
+
+
+def _on_device(record: ParamState, device: torch.device) -> bool:
+    return all(t.device == device for t in record.tensors())
