@@ -91,7 +91,7 @@ class GrokfastCLI(LightningCLI):
         seed_everything_default: bool | int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[misc]  # (mypy misreads *args followed by a keyword)
             model_class, datamodule_class, *args, seed_everything_default=seed_everything_default, **kwargs
         )
 
@@ -111,12 +111,12 @@ class GrokfastCLI(LightningCLI):
             _pass_task_sizes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        trainer_config = {**self._lightning_cli_value(self.config_init, "trainer", default={}), **kwargs}
         listed = trainer_config.get("callbacks") or []
         listed = [listed] if isinstance(listed, Callback) else list(listed)
         extra: list[Callback] = []
 
-        grokfast = self._get(self.config_init, "grokfast")
+        grokfast = self._lightning_cli_value(self.config_init, "grokfast")
         if not any(isinstance(c, GrokfastCallback) for c in listed):
             extra.append(grokfast)
         elif grokfast.enabled and self._group_changed("grokfast"):
@@ -127,7 +127,7 @@ class GrokfastCLI(LightningCLI):
 
         switchable = [("dashboard", GrokkingDashboardCallback), ("detector", GrokkingDetectorCallback)]
         for key, callback_class in switchable:
-            group = self._get(self.config_init, key)
+            group = self._lightning_cli_value(self.config_init, key)
             if group is None or not group.get("enabled"):
                 continue
             if any(isinstance(c, callback_class) for c in listed):
@@ -139,12 +139,26 @@ class GrokfastCLI(LightningCLI):
                 continue
             init_args = {k: v for k, v in group.items() if k != "enabled"}
             extra.append(callback_class(**init_args))
-        return self._instantiate_trainer(trainer_config, extra)
+        return self._lightning_cli_trainer(trainer_config, extra)
+
+    # The three private LightningCLI methods this CLI relies on, each called from here only
+    # (tests/test_private_apis.py pins their signatures).
+    def _lightning_cli_value(self, config: Any, key: str, default: Any = None) -> Any:
+        """``config[subcommand][key]`` (LightningCLI's private ``_get``)."""
+        return self._get(config, key, default=default)
+
+    def _lightning_cli_defaults(self) -> Any:
+        """The parser defaults of the current subcommand (LightningCLI's private ``_parser``)."""
+        return self._parser(self.subcommand).get_defaults()
+
+    def _lightning_cli_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """The Trainer with extra callbacks (LightningCLI's private ``_instantiate_trainer``)."""
+        return self._instantiate_trainer(config, callbacks)
 
     def _group_changed(self, key: str, ignore: tuple[str, ...] = ()) -> bool:
         """Whether the parsed config of argument group ``key`` differs from the group's defaults."""
-        defaults = self._parser(self.subcommand).get_defaults().get(key)
-        given = self._get(self.config, key)
+        defaults = self._lightning_cli_defaults().get(key)
+        given = self._lightning_cli_value(self.config, key)
         if defaults is None or given is None:
             return False
         names = (set(vars(defaults)) | set(vars(given))) - set(ignore)

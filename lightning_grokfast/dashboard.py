@@ -20,11 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_grokfast.lightning_utils import is_logging_step
+from lightning_grokfast.validation import require
 
 DEFAULT_MARKS: tuple[float, ...] = (0.5, 0.9, 0.95)
 _STATE_FORMAT = 1
@@ -112,7 +111,7 @@ def plot_grokking(
     mark_steps: dict[float, int | None] | None = None,
     transitions: Sequence[tuple[int, str]] = (),
     title: str | None = None,
-) -> Figure:
+) -> Any:
     """Draw train and validation accuracy over optimizer steps on a log-scaled step axis.
 
     Args:
@@ -135,8 +134,8 @@ def plot_grokking(
         fig.savefig("grokking_accuracy.png")
 
     """
-    figure = Figure(figsize=(8, 4.5), dpi=120)
-    FigureCanvasAgg(figure)
+    figure = require("matplotlib.figure", "dashboard", "The grokking figure").Figure(figsize=(8, 4.5), dpi=120)
+    require("matplotlib.backends.backend_agg", "dashboard", "The grokking figure").FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     train = [(s, v) for s, v in zip(train_steps, train_values) if s > 0 and math.isfinite(v)]
     val = [(s, v) for s, v in zip(val_steps, val_values) if s > 0 and math.isfinite(v)]

@@ -26,7 +26,8 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     try:
         return bool(trainer._logger_connector.should_update_logs)
     except (AttributeError, NotImplementedError):
-        return trainer.log_every_n_steps > 0 and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+        every = int(getattr(trainer, "log_every_n_steps", 0))
+        return every > 0 and (trainer.global_step + 1) % every == 0
 
 
 def trainer_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

@@ -175,6 +175,23 @@ def as_float_list(value: Any, name: str, *, low: float | None = None, high: floa
     return [check_number(v, f"{name}[{i}]", low=low, high=high) for i, v in enumerate(value)]
 
 
+def require(module: str, extra: str, what: str) -> Any:
+    """Import an optional dependency, or fail naming the extra that installs it.
+
+    Raises:
+        ImportError: If ``module`` is not installed (the message says ``pip install "lightning-grokfast[extra]"``).
+
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f'{what} needs `{module.split(".")[0]}`: install it with `pip install "lightning-grokfast[{extra}]"`.'
+        ) from err
+
+
 def resolve_state_dtype(state_dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Turn ``"float32"``/``torch.float32``/``None`` into a floating dtype or ``None``.
 

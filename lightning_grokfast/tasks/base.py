@@ -6,12 +6,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_grokfast.losses import LOSSES, get_loss
-from lightning_grokfast.validation import check_choice, check_int, check_number
+from lightning_grokfast.validation import check_choice, check_int, check_number, require
+
+torchmetrics = require("torchmetrics", "tasks", "The built-in tasks")
 
 #: The optimizers a built-in task's ``optimizer`` argument may name: Adam's weight decay is coupled (an L2 term
 #: in the gradient, as in the Grokfast paper's code), AdamW's is decoupled.

@@ -111,7 +111,7 @@ class ModularArithmeticDataModule(SplitDataModule):
     @property
     def num_tokens(self) -> int:
         """Vocabulary size: ``p`` numbers plus the operator and equals tokens."""
-        return self.hparams.p + 2
+        return int(self.hparams["p"]) + 2
 
 
 class _DecoderBlock(nn.Module):
@@ -211,6 +211,8 @@ class GrokTransformer(ClassificationTask):
         self.head = nn.Linear(dim, num_classes, bias=head_bias)
         self.register_buffer("causal_mask", torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1))
         self.register_buffer("positions", torch.arange(seq_len))
+        self.causal_mask: Tensor
+        self.positions: Tensor
 
     def forward(self, inputs: Tensor) -> Tensor:
         """Logits of the answer for each ``(batch, seq_len)`` input."""
