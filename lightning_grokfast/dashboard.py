@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_grokfast.lightning_utils import is_logging_step
-from lightning_grokfast.validation import require
+from lightning_grokfast.validation import check_bool, require
 
 DEFAULT_MARKS: tuple[float, ...] = (0.5, 0.9, 0.95)
 _STATE_FORMAT = 1
@@ -272,7 +272,7 @@ class GrokkingDashboardCallback(Callback):
         self.train_loss = train_loss
         self.val_loss = val_loss
         self.marks = tuple(sorted(marks))
-        self.log_weight_norm = bool(log_weight_norm)
+        self.log_weight_norm = check_bool(log_weight_norm, "log_weight_norm")
         self.figure_name = figure_name
         self.section = section
         self.train_steps: list[int] = []

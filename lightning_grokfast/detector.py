@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_grokfast.callback import GrokfastCallback
+from lightning_grokfast.validation import as_float_list, check_bool, check_choice
 
 #: The phases, in the only order in which they can be entered.
 PHASES: tuple[str, ...] = ("warming_up", "memorizing", "grokking", "converged")
 WARMING_UP, MEMORIZING, GROKKING, CONVERGED = PHASES
 JUMP_WINDOW_UNITS: tuple[str, ...] = ("steps", "evaluations")
+#: ``"max"``: higher is better (accuracies); ``"min"``: lower is better (losses), as ``EarlyStopping``'s ``mode``.
+MODES: tuple[str, ...] = ("max", "min")
 
 _STATE_FORMAT = 1
 
@@ -120,7 +124,10 @@ class GrokkingStateMachine:
     - ``"converged"``: the train metric is ``>= memorization_threshold`` and ``train - val <= convergence_gap`` at
       ``patience`` consecutive evaluations. Reached from any earlier phase (e.g. a slow rise that never jumped).
 
-    The metrics must be "higher is better" (accuracies). The default thresholds assume values in ``[0, 1]``.
+    With ``mode="max"`` (default) the metrics are "higher is better" (accuracies; the default thresholds assume
+    values in ``[0, 1]``). With ``mode="min"`` they are "lower is better" (losses): the train metric is high (the
+    model memorized) when ``train <= memorization_threshold``, a jump is a *fall* of the validation metric by at
+    least ``jump_threshold``, the gap is ``val - train``, and a mark is reached when ``val <= mark``.
 
     Args:
         memorization_threshold: train value from which the train metric counts as high.
@@ -133,6 +140,7 @@ class GrokkingStateMachine:
         marks: validation values whose first crossing (``val >= mark``) is recorded in :attr:`mark_steps`.
         stop_requires_grokking: :attr:`should_stop` only after a ``"grokking"`` phase (``False``: as soon as
             converged).
+        mode: ``"max"`` (higher is better) or ``"min"`` (lower is better).
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).
@@ -155,9 +163,12 @@ class GrokkingStateMachine:
         jump_window_unit: str = "steps",
         convergence_gap: float = 0.05,
         patience: int = 3,
-        marks: Sequence[float] = (0.5, 0.9, 0.95),
+        marks: float | Sequence[float] = (0.5, 0.9, 0.95),
         stop_requires_grokking: bool = True,
+        mode: str = "max",
     ) -> None:
+        self.mode = check_choice(mode, "mode", MODES)
+        self._sign = 1.0 if mode == "max" else -1.0
         self.memorization_threshold = _check_finite(memorization_threshold, "memorization_threshold")
         self.jump_threshold = _check_finite(jump_threshold, "jump_threshold", low=0.0, low_inclusive=False)
         self.jump_window = _check_int(jump_window, "jump_window", low=1)
@@ -166,10 +177,8 @@ class GrokkingStateMachine:
         self.jump_window_unit = jump_window_unit
         self.convergence_gap = _check_finite(convergence_gap, "convergence_gap", low=0.0)
         self.patience = _check_int(patience, "patience", low=1)
-        if isinstance(marks, (str, bytes)) or not isinstance(marks, Sequence):
-            raise ValueError(f"`marks` must be a sequence of finite numbers, got {marks!r}.")
-        self.marks: tuple[float, ...] = tuple(sorted({_check_finite(m, "marks") for m in marks}))
-        self.stop_requires_grokking = bool(stop_requires_grokking)
+        self.marks: tuple[float, ...] = tuple(sorted(set(as_float_list(marks, "marks"))))
+        self.stop_requires_grokking = check_bool(stop_requires_grokking, "stop_requires_grokking")
         self.reset()
 
     def reset(self) -> None:
@@ -216,7 +225,8 @@ class GrokkingStateMachine:
 
     @property
     def last_gap(self) -> float | None:
-        """``train - val`` at the last evaluation (``None`` without a train value)."""
+        """``train - val`` (``val - train`` with ``mode="min"``) at the last evaluation (``None`` without a train
+        value)."""
         return self._last_gap
 
     def step_of(self, phase: str) -> int | None:
@@ -243,8 +253,9 @@ class GrokkingStateMachine:
         step = _check_int(step, "step", low=0)
         if self._last_step is not None and step < self._last_step:
             raise ValueError(f"`step` went back from {self._last_step} to {step}; evaluations must come in order.")
-        val = float(val)
-        train = None if train is None or not math.isfinite(float(train)) else float(train)
+        sign = self._sign  # "min" mode runs the same machine on negated values
+        raw_val, raw_train = float(val), None if train is None or not math.isfinite(float(train)) else float(train)
+        val, train = sign * raw_val, None if raw_train is None else sign * raw_train
         if not math.isfinite(val) or step == self._last_step:
             return DetectorUpdate(step=step, phase=self._phase, ignored=True)
         previous_val = self._window[-1][1] if self._window else None
@@ -256,10 +267,11 @@ class GrokkingStateMachine:
         transitions: list[Transition] = []
 
         def enter(phase: str, val_before: float | None) -> None:
-            transitions.append(Transition(phase, step, self._phase, val_before, val, train))
+            before = None if val_before is None else sign * val_before
+            transitions.append(Transition(phase, step, self._phase, before, raw_val, raw_train))
             self._phase = phase
 
-        train_high = train is not None and train >= self.memorization_threshold
+        train_high = train is not None and train >= sign * self.memorization_threshold
         small_gap = train_high and gap is not None and gap <= self.convergence_gap
         if self._phase == WARMING_UP and train_high and not small_gap:
             enter(MEMORIZING, previous_val)
@@ -274,12 +286,12 @@ class GrokkingStateMachine:
         self._transitions.extend(transitions)
         self._push(step, val)
 
-        reached = tuple(m for m in self.marks if m not in self._mark_steps and val >= m)
+        reached = tuple(m for m in self.marks if m not in self._mark_steps and val >= sign * m)
         for mark in reached:
             self._mark_steps[mark] = step
         return DetectorUpdate(step, self._phase, gap, tuple(transitions), reached)
 
-    def _lowest_in_window(self, step: int, since: int) -> float | None:
+    def _lowest_in_window(self, step: int, since: int) -> float | None:  # (in the machine's "max" orientation)
         """Lowest validation value of the earlier evaluations inside the window (the previous one always is) that
         were made at or after step ``since`` (while memorizing)."""
         if not self._window:
@@ -313,6 +325,7 @@ class GrokkingStateMachine:
             "evaluations": self._evaluations,
             "last_step": self._last_step,
             "last_gap": self._last_gap,
+            "mode": self.mode,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -324,6 +337,10 @@ class GrokkingStateMachine:
         """
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"Unknown grokking state machine state format {state.get('format')!r}.")
+        if state.get("mode", "max") != self.mode:
+            raise ValueError(
+                f"The state was saved with mode={state.get('mode', 'max')!r}, this machine has {self.mode!r}."
+            )
         if state["phase"] not in PHASES:
             raise ValueError(f"Unknown phase {state['phase']!r} in the state; expected one of {list(PHASES)}.")
         self.reset()
@@ -408,8 +425,13 @@ class GrokkingDetectorCallback(Callback):
         stop_on_convergence: ask the Trainer to stop once converged (``False``: only report).
         stop_requires_grokking: stop only after a ``"grokking"`` phase was seen.
         marks: validation values whose first crossing step is recorded in :attr:`mark_steps`.
-        strict: raise if a needed metric is missing (``False``: warn and skip the evaluation).
+        strict: raise if a needed metric is missing (``False``: warn and skip the evaluation). Under DDP the
+            ranks agree first: if any rank misses it, every rank raises (or, with ``False``, a value that some ranks
+            have is averaged over those ranks, and an evaluation no rank has is skipped by all).
         verbose: announce transitions and marks on rank zero.
+        mode: ``"max"`` when higher is better (accuracies), ``"min"`` when lower is better (losses), as
+            ``EarlyStopping``'s ``mode``; see :class:`GrokkingStateMachine`. A metric named like a loss, or a value
+            outside ``[0, 1]``, with ``mode="max"`` is reported once (almost always a mistake).
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).
@@ -448,9 +470,10 @@ class GrokkingDetectorCallback(Callback):
         grokking_signal: Callable[[pl.Trainer, pl.LightningModule], float] | None = None,
         stop_on_convergence: bool = True,
         stop_requires_grokking: bool = True,
-        marks: Sequence[float] = (0.5, 0.9, 0.95),
+        marks: float | Sequence[float] = (0.5, 0.9, 0.95),
         strict: bool = True,
         verbose: bool = True,
+        mode: str = "max",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -474,19 +497,20 @@ class GrokkingDetectorCallback(Callback):
             patience=patience,
             marks=marks,
             stop_requires_grokking=stop_requires_grokking,
+            mode=mode,
         )
         self.lambda_boost = _check_finite(lambda_boost, "lambda_boost", low=0.0)
         self.max_lamb = None if max_lamb is None else _check_finite(max_lamb, "max_lamb", low=0.0)
-        self.adaptive_alpha = bool(adaptive_alpha)
+        self.adaptive_alpha = check_bool(adaptive_alpha, "adaptive_alpha")
         self.kappa = _check_finite(kappa, "kappa", low=0.0)
         if grokking_signal is not None and not callable(grokking_signal):
             raise ValueError(
                 f"`grokking_signal` must be a callable (trainer, pl_module) -> float, got {grokking_signal!r}."
             )
         self.grokking_signal = grokking_signal
-        self.stop_on_convergence = bool(stop_on_convergence)
-        self.strict = bool(strict)
-        self.verbose = bool(verbose)
+        self.stop_on_convergence = check_bool(stop_on_convergence, "stop_on_convergence")
+        self.strict = check_bool(strict, "strict")
+        self.verbose = check_bool(verbose, "verbose")
 
         self.alpha_0: list[float] | None = None  # the GrokfastCallbacks' alphas at the start of fitting
         self.last_signal: float | None = None
@@ -494,6 +518,7 @@ class GrokkingDetectorCallback(Callback):
         self._train_sums: dict[str, Tensor | float] = {}
         self._train_counts: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._missing_now: list[str] = []
 
     # ------------------------------------------------------------------ what it knows
     @property
@@ -522,7 +547,7 @@ class GrokkingDetectorCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._grokfast = [cb for cb in trainer.callbacks if isinstance(cb, GrokfastCallback)]
+        self._grokfast = [cb for cb in trainer.callbacks if isinstance(cb, GrokfastCallback)]  # type: ignore[attr-defined]
         if stage != TrainerFn.FITTING.value:
             return
         wanted = [
@@ -565,18 +590,22 @@ class GrokkingDetectorCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        self._missing_now = []
         readings = self._read(trainer, pl_module)
         self._reset_train_readings()
-        if readings is None:
-            return
-        val, train, signal = self._reduce_over_ranks(trainer, readings)
-        step = trainer.global_step
+        # every rank reaches this collective, whatever it read: no rank may skip it alone
+        (val, train, signal), missing_anywhere = self._agree_over_ranks(trainer, readings, bool(self._missing_now))
+        if missing_anywhere and self.strict:
+            raise RuntimeError(self._missing_message(trainer))
         if val is None:
             return
-        update = self.machine.update(step, val, train)
-        if update.ignored:
-            return
+        self._check_mode(val, train)
+        update = self.machine.update(trainer.global_step, val, train)
+        if not update.ignored:
+            self._react(trainer, update, signal)
 
+    def _react(self, trainer: pl.Trainer, update: DetectorUpdate, signal: float | None) -> None:
+        """Boost, adapt alpha, announce, log and (maybe) stop, after an evaluation the machine took."""
         lamb_before = self._grokfast[0].lamb if self._grokfast else None
         if self.boosts_lamb and any(t.phase == GROKKING for t in update.transitions):
             for cb in self._grokfast:
@@ -585,33 +614,43 @@ class GrokkingDetectorCallback(Callback):
             self.last_signal = max(0.0, signal)
             for cb, alpha_0 in zip(self._grokfast, self.alpha_0 or []):
                 cb.alpha = alpha_0 * math.exp(-self.kappa * self.last_signal)
-
         messages = [self._describe(t, lamb_before) for t in update.transitions]
-        messages += [f"{self.val_metric} reached {mark:g} at step {step}" for mark in update.marks_reached]
+        messages += [f"{self.val_metric} reached {m:g} at step {update.step}" for m in update.marks_reached]
         if self.verbose:
             for message in messages:
                 rank_zero_info(f"GrokkingDetectorCallback: {message}")
         self._log(trainer, update, messages)
-
         if self.stop_on_convergence:
             # the machines are fed identical numbers on every rank; reduce anyway, as EarlyStopping does
             should_stop = trainer.strategy.reduce_boolean_decision(self.machine.should_stop, all=False)
             trainer.should_stop = trainer.should_stop or should_stop
 
+    def _check_mode(self, val: float, train: float | None) -> None:
+        """Report once a "higher is better" detector that watches what looks like a loss."""
+        if self.machine.mode != "max":
+            return
+        names = [n for n in (self.val_metric, self.train_metric) if "loss" in n.lower()]
+        outside = [v for v in (val, train) if v is not None and not 0.0 <= v <= 1.0]
+        if names or outside:
+            self._warn_once(
+                "mode",
+                "GrokkingDetectorCallback(mode='max') treats its metrics as higher-is-better accuracies, but"
+                + (f" {names} look like losses" if names else f" it read values outside [0, 1] ({outside[0]:g})")
+                + ". For a loss pass mode='min' (and thresholds in the loss's units), or watch an accuracy.",
+            )
+
     # ------------------------------------------------------------------ reading metrics
-    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float | None] | None:
-        """``[val, train, signal]`` of this rank, or ``None`` to skip this evaluation."""
+    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float | None]:
+        """``[val, train, signal]`` of this rank (``None`` where missing; nothing raises before the ranks agree)."""
         metrics = trainer.callback_metrics
-        val = self._required(metrics, self.val_metric, trainer, "validation metric")
-        if val is None:
-            return None
+        val = self._required(metrics, self.val_metric, "validation metric")
         train = self._train_reading(metrics, self.train_metric, trainer, "train metric")
         signal = None
         if self.adaptive_alpha:
             if self.grokking_signal is not None:
                 signal = float(self.grokking_signal(trainer, pl_module))
             else:
-                val_loss = self._required(metrics, self.val_loss_metric, trainer, "validation loss")
+                val_loss = self._required(metrics, self.val_loss_metric, "validation loss")
                 train_loss = self._train_reading(metrics, self.train_loss_metric, trainer, "train loss")
                 if val_loss is not None and train_loss is not None:
                     signal = default_grokking_signal(train_loss, val_loss)
@@ -633,41 +672,58 @@ class GrokkingDetectorCallback(Callback):
                 f" {_names(metrics)}.",
             )
             return None
-        return self._missing(metrics, name, what)
-
-    def _required(self, metrics: Mapping[str, Any], name: str, trainer: pl.Trainer, what: str) -> float | None:
-        value = _resolve(metrics, name)
-        return float(value) if value is not None else self._missing(metrics, name, what)
-
-    def _missing(self, metrics: Mapping[str, Any], name: str, what: str) -> None:
-        message = (
-            f"GrokkingDetectorCallback needs the {what} `{name}` (also looked for `{name}_epoch` and `{name}_step`),"
-            f" which is not in `trainer.callback_metrics`. Log it with `self.log({name!r}, ...)` or pass one of the"
-            f" available metrics: {_names(metrics)}."
-        )
-        if self.strict:
-            raise RuntimeError(message)
-        self._warn_once(f"missing:{name}", message + " Skipping this evaluation (strict=False).")
+        self._missing(metrics, name, what)
         return None
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _required(self, metrics: Mapping[str, Any], name: str, what: str) -> float | None:
+        value = _resolve(metrics, name)
+        if value is None:
+            self._missing(metrics, name, what)
+            return None
+        return float(value)
+
+    def _missing(self, metrics: Mapping[str, Any], name: str, what: str) -> None:
+        """Record a missing metric of this rank (raised, or warned, once the ranks have agreed)."""
+        self._missing_now.append(
+            f"the {what} `{name}` (also looked for `{name}_epoch` and `{name}_step`); available metrics: {_names(metrics)}"
+        )
+        if not self.strict:  # a per-rank fact: warned on the rank that has it, not only on rank zero
+            self._warn_once(f"missing:{name}", f"GrokkingDetectorCallback: {self._missing_now[-1]}.", every_rank=True)
+
+    def _missing_message(self, trainer: pl.Trainer) -> str:
+        where = f" on rank {trainer.global_rank}" if self._missing_now else " on another rank"
+        detail = "; ".join(self._missing_now) if self._missing_now else "a metric it needs"
+        return (
+            f"GrokkingDetectorCallback is missing {detail}{where} (not in `trainer.callback_metrics`). Log it on"
+            " every rank (e.g. `self.log(name, value, sync_dist=True)`), pass a metric that exists, or use"
+            " strict=False to skip such evaluations."
+        )
+
+    def _warn_once(self, key: str, message: str, every_rank: bool = False) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message, category=RuntimeWarning)
+            if every_rank:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            else:
+                rank_zero_warn(message, category=RuntimeWarning)
 
     def _reset_train_readings(self) -> None:
         self._train_sums.clear()
         self._train_counts.clear()
 
     @staticmethod
-    def _reduce_over_ranks(trainer: pl.Trainer, readings: list[float | None]) -> list[float | None]:
-        """Average each reading over the ranks that have it, so that every rank gets the same numbers."""
+    def _agree_over_ranks(
+        trainer: pl.Trainer, readings: list[float | None], missing: bool
+    ) -> tuple[list[float | None], bool]:
+        """Average each reading over the ranks that have it and learn whether any rank missed a metric: one
+        all-reduce that every rank takes, so every rank gets the same numbers and makes the same decisions."""
         if trainer.world_size <= 1:
-            return readings
-        rows = [[0.0, 0.0] if r is None else [r, 1.0] for r in readings]
+            return readings, missing
+        rows = [[0.0, 0.0] if r is None else [r, 1.0] for r in readings] + [[float(missing), 1.0]]
         table = torch.tensor(rows, dtype=torch.float64, device=trainer.strategy.root_device)
         table = trainer.strategy.reduce(table, reduce_op="sum")
-        return [float(total / count) if count > 0 else None for total, count in table.tolist()]
+        *values, (missing_ranks, _) = table.tolist()
+        return [float(total / count) if count > 0 else None for total, count in values], missing_ranks > 0
 
     # ------------------------------------------------------------------ reporting
     def _describe(self, transition: Transition, lamb_before: float | None) -> str:

@@ -268,8 +268,10 @@ def test_step_going_back_raises():
         ({"convergence_gap": -0.1}, "`convergence_gap` must be >= 0"),
         ({"patience": 0}, "`patience` must be an integer >= 1"),
         ({"memorization_threshold": "high"}, "`memorization_threshold` must be a finite number"),
-        ({"marks": (0.5, float("inf"))}, "`marks` must be a finite number"),
-        ({"marks": 0.5}, "`marks` must be a sequence"),
+        ({"marks": (0.5, float("inf"))}, r"`marks\[1\]` must be a finite number"),
+        ({"marks": "0.5"}, "`marks` must be a number or a list of numbers"),
+        ({"mode": "maximize"}, r"`mode` must be one of \['max', 'min'\]"),
+        ({"stop_requires_grokking": "false"}, "`stop_requires_grokking` must be True or False"),
     ],
 )
 def test_invalid_arguments_raise_a_message_naming_them(kwargs, message):
