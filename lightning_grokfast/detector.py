@@ -685,7 +685,8 @@ class GrokkingDetectorCallback(Callback):
     def _missing(self, metrics: Mapping[str, Any], name: str, what: str) -> None:
         """Record a missing metric of this rank (raised, or warned, once the ranks have agreed)."""
         self._missing_now.append(
-            f"the {what} `{name}` (also looked for `{name}_epoch` and `{name}_step`); available metrics: {_names(metrics)}"
+            f"the {what} `{name}` (also looked for `{name}_epoch` and `{name}_step`);"
+            f" available metrics: {_names(metrics)}"
         )
         if not self.strict:  # a per-rank fact: warned on the rank that has it, not only on rank zero
             self._warn_once(f"missing:{name}", f"GrokkingDetectorCallback: {self._missing_now[-1]}.", every_rank=True)
