@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_grokfast.state import ParamState
 
-__all__ = ["is_dtensor", "local", "to_global", "to_local"]
+__all__ = ["is_dtensor", "is_state_init_step", "local", "to_global", "to_local"]
 
 
 def _dtensor_type() -> Any:
@@ -81,3 +81,20 @@ def to_local(record: ParamState) -> ParamState:
         ma_history=None if record.ma_history is None else local(record.ma_history),
         ma_sum=None if record.ma_sum is None else local(record.ma_sum),
     )
+
+
+def is_state_init_step(optimizer: Any) -> bool:
+    """Whether an ``optimizer.step()`` about to run is torch's state-initialising step, not a training step.
+
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (used by Fabric's and Lightning's
+    FSDP2/ModelParallel checkpoints) runs ``_init_optim_state`` on an optimizer without state: every gradient set to
+    zeros, every ``lr`` set to 0, one ``step()``. Filtering it would start the EMA at zero and advance the MA window.
+    A genuine step looks the same only if its state is empty, its ``lr`` is 0 *and* all its gradients are zero.
+    """
+    if optimizer.state:
+        return False
+    groups = optimizer.param_groups
+    if any(float(g.get("lr", 0.0)) != 0.0 for g in groups):
+        return False
+    grads = [p.grad for g in groups for p in g["params"]]
+    return all(g is not None for g in grads) and not any(bool(local(g).any()) for g in grads)
