@@ -64,7 +64,8 @@ class OptimizerStateLink:
             key ``"grokfast"`` of the state dict (``attach_grokfast`` keeps its counters there; the Lightning
             callback keeps them in its own callback state instead).
         placeholders: build a zero record for a sharded (DTensor) parameter that has no state yet, so that a load
-            template (``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
+            template (``torch.distributed.checkpoint``'s) has the right entries to fill; it may return ``None`` to leave
+            a parameter out (the checkpoint being loaded has no state for it). ``None``: no placeholders.
         before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
             another callback re-added parameter groups just before a checkpoint is loaded).
 
@@ -76,7 +77,7 @@ class OptimizerStateLink:
         filter: GradientFilter,
         *,
         extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
-        placeholders: Callable[[Tensor], ParamState] | None = None,
+        placeholders: Callable[[Tensor], ParamState | None] | None = None,
         before_access: Callable[[], Any] | None = None,
     ) -> None:
         self.optimizer = unwrap_optimizer(optimizer)

@@ -1,7 +1,8 @@
 """One 2-process (or 1-process) ModelParallelStrategy + FSDP2 ``fully_shard`` run on CPU, for tests/test_fsdp2.py.
 
 Run as a script (Lightning's launcher re-runs it once per rank):
-``python tests/fsdp2_worker.py OUT_DIR KIND DEVICES EPOCHS [CKPT]``. Writes into OUT_DIR: ``epoch=*.ckpt``
+``python tests/fsdp2_worker.py OUT_DIR KIND DEVICES EPOCHS [CKPT]`` (KIND: a filter, ``ma:5`` for window 5, or
+``off`` for no GrokfastCallback). Writes into OUT_DIR: ``epoch=*.ckpt``
 (distributed checkpoints), ``final.pt`` (the full parameters, gathered after training), ``rank{r}.json``
 (full-tensor gathers counted during ``fit``, the filter's steps and state bytes, the local shard sizes) and
 ``rank{r}_state.pt`` (this rank's local filter state).
@@ -70,13 +71,20 @@ def count_gathers() -> dict[str, int]:
 
 
 def main(out: Path, kind: str, devices: int, epochs: int, ckpt: str | None) -> None:
-    callback = GrokfastCallback(filter=kind, alpha=0.8, lamb=2.0, window_size=3, ma_lamb=1.0, resum_every=4)
+    kind, _, window = kind.partition(":")  # "ma:5": window_size 5; "off": no Grokfast at all
+    window_size = int(window or 3)
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
+    if kind != "off":
+        callback = GrokfastCallback(
+            filter=kind, alpha=0.8, lamb=2.0, window_size=window_size, ma_lamb=1.0, resum_every=4
+        )
+        callbacks.insert(0, callback)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=ModelParallelStrategy(),
         max_epochs=epochs,
-        callbacks=[callback, ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_epochs=1, filename="{epoch}")],
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -85,6 +93,8 @@ def main(out: Path, kind: str, devices: int, epochs: int, ckpt: str | None) -> N
     counts = count_gathers()
     trainer.fit(model, ckpt_path=ckpt)
     gathers = dict(counts)
+    if kind == "off":
+        return
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     filt = callback.filters[0]
     local_numel = {n: p.to_local().numel() for n, p in model.named_parameters()}
@@ -97,4 +107,14 @@ def main(out: Path, kind: str, devices: int, epochs: int, ckpt: str | None) -> N
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
+    try:
+        main(
+            Path(sys.argv[1]),
+            sys.argv[2],
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            sys.argv[5] if len(sys.argv) > 5 else None,
+        )
+    finally:  # an orderly gloo shutdown (once seen: 'terminate called without an active exception' at exit)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

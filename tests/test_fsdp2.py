@@ -22,11 +22,15 @@ KINDS = ["ema", "ma", "ema+ma"]
 pytestmark = pytest.mark.timeout(300)
 
 
-def run(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None) -> list[dict]:
+def launch(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(WORKER), str(out), kind, str(devices), str(epochs)] + ([str(ckpt)] if ckpt else [])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+
+
+def run(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None) -> list[dict]:
+    result = launch(out, kind, devices, epochs, ckpt)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
@@ -98,3 +102,25 @@ def test_a_one_process_checkpoint_resumes_on_two_processes_each_with_its_shard(t
     for name, entry in saved.items():
         glued = torch.cat([shards[0][name]["ema"], shards[1][name]["ema"]])
         assert torch.equal(glued, entry["ema"]), name
+
+
+def test_resuming_with_another_filter_fails_naming_both_filters(straight, tmp_path):
+    result = launch(tmp_path, "ma", devices=2, epochs=2, ckpt=straight["ema"] / "epoch=0.ckpt")
+    assert result.returncode != 0
+    assert "holds Grokfast state for 'body.weight' made by filter='ema'; this filter is 'ma'" in result.stderr
+    assert "Missing key" not in result.stderr  # caught before torch.distributed.checkpoint's own error
+
+
+def test_resuming_with_another_window_fails_naming_both_windows(straight, tmp_path):
+    result = launch(tmp_path, "ma:5", devices=2, epochs=2, ckpt=straight["ma"] / "epoch=0.ckpt")
+    assert result.returncode != 0
+    assert "with window_size=3; this filter has window_size=5" in result.stderr
+
+
+def test_a_checkpoint_without_filter_state_resumes_with_a_warning_and_a_fresh_filter(tmp_path):
+    assert launch(tmp_path / "off", "off", devices=2, epochs=1).returncode == 0
+    result = launch(tmp_path / "on", "ema", devices=2, epochs=2, ckpt=tmp_path / "off" / "epoch=0.ckpt")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "holds no Grokfast state for ['body.weight', 'body.bias', 'head.weight', 'head.bias']" in result.stderr
+    reports = [json.loads((tmp_path / "on" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["steps"] for r in reports] == [6, 6]  # the filter ran the second epoch only, from a fresh state
