@@ -2,15 +2,17 @@
 
 Run as a script (Lightning's launcher re-runs it once per rank):
 ``python tests/fsdp2_worker.py OUT_DIR KIND DEVICES EPOCHS [CKPT]`` (KIND: a filter, ``ma:5`` for window 5, or
-``off`` for no GrokfastCallback). Writes into OUT_DIR: ``epoch=*.ckpt``
-(distributed checkpoints), ``final.pt`` (the full parameters, gathered after training), ``rank{r}.json``
-(full-tensor gathers counted during ``fit``, the filter's steps and state bytes, the local shard sizes) and
-``rank{r}_state.pt`` (this rank's local filter state).
+``off`` for no GrokfastCallback; with ``WORKER_LAYOUT=tp`` the model is split by tensor parallelism instead).
+Writes into OUT_DIR: ``epoch=*.ckpt`` (distributed checkpoints),
+``final.pt`` (the full parameters, gathered after training), ``rank{r}.json`` (full-tensor gathers counted during
+``fit``, the filter's steps and state bytes, the local shard sizes) and ``rank{r}_state.pt`` (this rank's local
+filter state).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +58,24 @@ class ShardedModel(pl.LightningModule):
         return torch.utils.data.DataLoader(make_data(48), batch_size=8)
 
 
+class TensorParallelModel(ShardedModel):
+    """The same layers split by tensor parallelism: ``body`` column-wise (``Shard(0)``), ``head`` row-wise
+    (weight ``Shard(1)``, bias ``Replicate``); ``body`` has 6 outputs so the split is even."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(
+            self, self.device_mesh["tensor_parallel"], {"body": ColwiseParallel(), "head": RowwiseParallel()}
+        )
+
+
 def count_gathers() -> dict[str, int]:
     """Count DTensor.full_tensor / redistribute calls (a gather of the state would go through them)."""
     counts = {"full_tensor": 0, "redistribute": 0}
@@ -89,7 +109,7 @@ def main(out: Path, kind: str, devices: int, epochs: int, ckpt: str | None) -> N
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = ShardedModel()
+    model = TensorParallelModel() if os.environ.get("WORKER_LAYOUT") == "tp" else ShardedModel()
     counts = count_gathers()
     trainer.fit(model, ckpt_path=ckpt)
     gathers = dict(counts)

@@ -22,15 +22,17 @@ KINDS = ["ema", "ma", "ema+ma"]
 pytestmark = pytest.mark.timeout(300)
 
 
-def launch(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None, layout: str = "fsdp2"
+) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(WORKER), str(out), kind, str(devices), str(epochs)] + ([str(ckpt)] if ckpt else [])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning", "WORKER_LAYOUT": layout}
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
 
 
-def run(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None) -> list[dict]:
-    result = launch(out, kind, devices, epochs, ckpt)
+def run(out: Path, kind: str, devices: int, epochs: int, ckpt: Path | None = None, layout: str = "fsdp2") -> list[dict]:
+    result = launch(out, kind, devices, epochs, ckpt, layout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
@@ -124,3 +126,25 @@ def test_a_checkpoint_without_filter_state_resumes_with_a_warning_and_a_fresh_fi
     assert "holds no Grokfast state for ['body.weight', 'body.bias', 'head.weight', 'head.bias']" in result.stderr
     reports = [json.loads((tmp_path / "on" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["steps"] for r in reports] == [6, 6]  # the filter ran the second epoch only, from a fresh state
+
+
+def test_tensor_parallel_resume_is_bit_identical_with_state_sharded_on_each_placement(tmp_path):
+    """Column-wise ``Shard(0)``, row-wise ``Shard(1)`` (its window on dim 2) and a ``Replicate`` bias."""
+    run(tmp_path / "straight", "ema+ma", devices=2, epochs=2, layout="tp")  # (the TP layers themselves redistribute)
+    run(tmp_path / "resumed", "ema+ma", devices=2, epochs=2, ckpt=tmp_path / "straight" / "epoch=0.ckpt", layout="tp")
+    expected = torch.load(tmp_path / "straight" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
+    full = full_checkpoint(tmp_path / "straight" / "epoch=1.ckpt", tmp_path)["optimizer_0"]["state"]
+    shards = [torch.load(tmp_path / "straight" / f"rank{r}_state.pt", weights_only=False) for r in range(2)]
+    assert full["head.weight"]["grokfast_ma_history"].shape == (3, 2, 6)
+    glued = torch.cat([shards[0]["head.weight"]["ma_history"], shards[1]["head.weight"]["ma_history"]], dim=2)
+    assert torch.equal(glued, full["head.weight"]["grokfast_ma_history"])
+    assert torch.equal(shards[0]["head.bias"]["ema"], shards[1]["head.bias"]["ema"])  # replicated
+    assert torch.equal(shards[0]["head.bias"]["ema"], full["head.bias"]["grokfast_ema"])
+    # and the split run filters what an unsplit one does (up to the order of the row-wise partial sums)
+    run(tmp_path / "one", "ema+ma", devices=1, epochs=2, layout="tp")
+    unsplit = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    for name, value in unsplit.items():
+        torch.testing.assert_close(expected[name], value, rtol=1e-5, atol=1e-6, msg=name)
