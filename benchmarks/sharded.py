@@ -146,7 +146,8 @@ def run_kind(args: argparse.Namespace, kind: str) -> dict[str, Any]:
                 raise RuntimeError(f"a worker exited with {proc.exitcode}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    per_element = 4 * ((args.window + 1) if kind == "ma" else 1)  # float32 EMA; or window + running sum
+    parts = kind.split("+")  # float32 state: the EMA; the window and its running sum
+    per_element = 4 * (("ema" in parts) + (args.window + 1) * ("ma" in parts))
     for report in reports:
         report["expected_state_bytes"] = per_element * report["local_numel"]
     return {"kind": kind, "ranks": reports}

@@ -148,3 +148,21 @@ def test_tensor_parallel_resume_is_bit_identical_with_state_sharded_on_each_plac
     unsplit = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
     for name, value in unsplit.items():
         torch.testing.assert_close(expected[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_sharded_benchmark_runs_and_finds_each_ranks_state_is_its_shards_share(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--kinds", "ema+ma", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = json.loads((tmp_path / "sharded_smoke.json").read_text())
+    for kind in record["results"]:
+        for rank in kind["ranks"]:
+            assert rank["state_bytes"] == rank["expected_state_bytes"] > 0
+            assert 2 * rank["local_numel"] == rank["total_numel"]
+            assert rank["gathers_during_checkpointing"] == {"full_tensor": 0, "redistribute": 0}
+            assert rank["checkpoint_bytes"]["with"] > rank["checkpoint_bytes"]["without"]
