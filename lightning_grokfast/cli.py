@@ -2,7 +2,10 @@
 
 ``lightning-grokfast fit --config configs/ema.yaml`` trains the built-in modular-arithmetic task
 (:class:`~lightning_grokfast.tasks.GrokTransformer` on :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`)
-with the Grokfast EMA filter and the grokking dashboard. Besides LightningCLI's own ``trainer``/``model``/``data``
+with the Grokfast EMA filter and the grokking dashboard. ``--model`` and ``--data`` pick another built-in task
+(``--model MLPClassifier --data SparseParityDataModule``, or a config such as ``configs/parity_ema.yaml``); the
+sizes the data determines (``num_tokens``, ``num_inputs``, ``num_classes``) are passed on to the model.
+Besides LightningCLI's own ``trainer``/``model``/``data``
 groups, the parser has three callback groups:
 
 * ``grokfast``: :class:`~lightning_grokfast.GrokfastCallback` (``--grokfast.filter ma --grokfast.lamb 5``), on by
@@ -22,6 +25,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from jsonargparse import Namespace
+from jsonargparse.typing import import_object
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -29,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_grokfast.callback import GrokfastCallback
 from lightning_grokfast.dashboard import GrokkingDashboardCallback
 from lightning_grokfast.detector import GrokkingDetectorCallback
+from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
 from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
 
 #: Trainer defaults of ``lightning-grokfast`` for the built-in task: validation every epoch (about 10 optimizer
@@ -39,6 +45,10 @@ TASK_TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 10,
     "check_val_every_n_epoch": 1,
 }
+
+#: Model arguments that a built-in task's datamodule determines (read from the datamodule's properties of the
+#: same names) when ``lightning-grokfast`` selects the task's classes with ``--model``/``--data``.
+TASK_SIZES = ("num_tokens", "num_inputs", "num_classes")
 
 
 class GrokfastCLI(LightningCLI):
@@ -89,8 +99,16 @@ class GrokfastCLI(LightningCLI):
         parser.add_lightning_class_args(GrokfastCallback, "grokfast")
         _add_switchable_callback_args(parser, GrokkingDashboardCallback, "dashboard", enabled=True)
         _add_switchable_callback_args(parser, GrokkingDetectorCallback, "detector", enabled=False)
+        if self.subclass_mode_model and self.subclass_mode_data:
+            return
         if _takes_num_tokens(self.model_class) and hasattr(self.datamodule_class, "num_tokens"):
             parser.link_arguments("data.num_tokens", "model.num_tokens", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--model``/``--data`` class paths, give the model the sizes its datamodule determines."""
+        if self.subclass_mode_model and self.subclass_mode_data:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            _pass_task_sizes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -133,6 +151,43 @@ class GrokfastCLI(LightningCLI):
         return any(defaults.get(name) != given.get(name) for name in names)
 
 
+class TaskCLI(GrokfastCLI):
+    r""":class:`GrokfastCLI` over every built-in task: the ``lightning-grokfast`` command.
+
+    ``--model`` takes any :class:`~lightning_grokfast.tasks.ClassificationTask` and ``--data`` any
+    :class:`~lightning_grokfast.tasks.SplitDataModule` (class name or class path); without them, the modular
+    task (:class:`~lightning_grokfast.tasks.GrokTransformer` on
+    :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`). Init arguments are given as usual
+    (``--model.weight_decay 0.01``, ``--data.p 113``), and the sizes in :data:`TASK_SIZES` go from the data to the
+    model.
+
+    Args:
+        \*args: further positional arguments of :class:`GrokfastCLI`.
+        \**kwargs: further keyword arguments of :class:`GrokfastCLI` (``args``, ``run``, ``trainer_defaults``, ...).
+
+    Example::
+
+        TaskCLI(args=["fit", "--model", "MLPClassifier", "--data", "SparseParityDataModule"])
+
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(ClassificationTask, SplitDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults(
+            {
+                "model": {"class_path": f"{GrokTransformer.__module__}.{GrokTransformer.__qualname__}"},
+                "data": {
+                    "class_path": f"{ModularArithmeticDataModule.__module__}.{ModularArithmeticDataModule.__qualname__}"
+                },
+            }
+        )
+
+
 def _add_switchable_callback_args(
     parser: LightningArgumentParser, callback_class: type[Callback], key: str, enabled: bool
 ) -> None:
@@ -150,6 +205,28 @@ def _add_switchable_callback_args(
     )
 
 
+def _pass_task_sizes(config: Namespace) -> None:
+    """Set the model's :data:`TASK_SIZES` init arguments from the datamodule's properties of the same names.
+
+    Only the names that the model's ``__init__`` takes and the datamodule class defines as properties are set; the
+    datamodule is built once here from its init arguments (the built-in ones are small and deterministic).
+    """
+    model, data = config.get("model"), config.get("data")
+    if not isinstance(model, Namespace) or not isinstance(data, Namespace) or not data.get("class_path"):
+        return
+    data_class = import_object(data.class_path)
+    parameters = inspect.signature(import_object(model.class_path)).parameters
+    names = [n for n in TASK_SIZES if n in parameters and isinstance(getattr(data_class, n, None), property)]
+    if not names:
+        return
+    init_args = data.get("init_args")
+    datamodule = data_class(**(init_args.as_dict() if init_args is not None else {}))
+    if model.get("init_args") is None:
+        model.init_args = Namespace()
+    for name in names:
+        model.init_args[name] = getattr(datamodule, name)
+
+
 def _takes_num_tokens(model_class: Any) -> bool:
     try:
         return "num_tokens" in inspect.signature(model_class).parameters
@@ -158,7 +235,7 @@ def _takes_num_tokens(model_class: Any) -> bool:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lightning-grokfast`` console script (the built-in modular-arithmetic task).
+    """Entry point of the ``lightning-grokfast`` console script (:class:`TaskCLI`: the built-in tasks).
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``), e.g. ``["fit", "--config", "configs/ema.yaml"]``.
@@ -168,11 +245,11 @@ def main(args: ArgsType = None) -> None:
         $ lightning-grokfast fit --config configs/ema.yaml
         $ lightning-grokfast fit --grokfast.filter ma --grokfast.lamb 5 --model.weight_decay 0.01
         $ lightning-grokfast fit --print_config
+        $ lightning-grokfast fit --config configs/parity_ema.yaml
+        $ lightning-grokfast fit --model MLPClassifier --data DigitsDataModule --model.init_scale 16
 
     """
-    GrokfastCLI(
-        GrokTransformer,
-        ModularArithmeticDataModule,
+    TaskCLI(
         trainer_defaults=TASK_TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Train the built-in grokking task with Grokfast (arXiv 2405.20233)."},

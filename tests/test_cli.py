@@ -11,7 +11,15 @@ import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback, GrokkingDetectorCallback
-from lightning_grokfast.cli import TASK_TRAINER_DEFAULTS, GrokfastCLI, main
+from lightning_grokfast.cli import TASK_TRAINER_DEFAULTS, GrokfastCLI, TaskCLI, main
+from lightning_grokfast.losses import stablemax_cross_entropy
+from lightning_grokfast.tasks import (
+    DigitsDataModule,
+    GrokTransformer,
+    MLPClassifier,
+    ModularArithmeticDataModule,
+    SparseParityDataModule,
+)
 from tests.helpers import TinyModel
 from tests.test_dashboard import read_events, read_layout
 
@@ -153,6 +161,56 @@ def test_detector_is_off_by_default_and_enabled_by_its_flag_group() -> None:
 
 def test_data_num_tokens_is_linked_to_the_model() -> None:
     assert build("--data.p", "13").model.hparams.num_tokens == 15
+
+
+# ---------------------------------------------------------------------- task selection (the lightning-grokfast command)
+def build_task(*args: str) -> TaskCLI:
+    """Parse and instantiate ``lightning-grokfast`` (:class:`TaskCLI`) without training."""
+    return TaskCLI(trainer_defaults=TASK_TRAINER_DEFAULTS, args=list(args), run=False)
+
+
+def test_task_cli_defaults_to_the_modular_task_and_links_its_vocabulary() -> None:
+    cli = build_task("--data.p", "13", "--model.dim", "32")
+    assert isinstance(cli.model, GrokTransformer) and isinstance(cli.datamodule, ModularArithmeticDataModule)
+    assert (cli.model.hparams.num_tokens, cli.model.hparams.dim) == (15, 32)
+
+
+def test_model_and_data_flags_select_another_task_and_pass_its_sizes() -> None:
+    cli = build_task("--model", "MLPClassifier", "--data", "SparseParityDataModule", "--data.num_bits", "12")
+    assert isinstance(cli.model, MLPClassifier) and isinstance(cli.datamodule, SparseParityDataModule)
+    assert (cli.model.hparams.num_inputs, cli.model.hparams.num_classes) == (12, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "data_class", "filtered"),
+    [
+        ("parity_baseline", SparseParityDataModule, False),
+        ("parity_ema", SparseParityDataModule, True),
+        ("digits_baseline", DigitsDataModule, False),
+        ("digits_ema", DigitsDataModule, True),
+    ],
+)
+def test_task_configs_set_up_their_task_and_filter(name: str, data_class: type, filtered: bool) -> None:
+    cli = build_task("--config", str(CONFIGS / f"{name}.yaml"))
+    assert isinstance(cli.datamodule, data_class) and isinstance(cli.model, MLPClassifier)
+    assert (cli.model.hparams.optimizer, cli.model.hparams.weight_decay) == ("adamw", 1.0)
+    assert cli.model.hparams.num_inputs == cli.datamodule.num_inputs
+    (callback,) = callbacks_of(cli, GrokfastCallback)
+    assert callback.enabled is filtered
+
+
+def test_stablemax_loss_is_selected_by_flag_and_by_its_config() -> None:
+    assert build_task("--model.loss", "stablemax").model.loss_fn is stablemax_cross_entropy
+    cli = build_task("--config", str(CONFIGS / "stablemax.yaml"))
+    assert cli.model.loss_fn is stablemax_cross_entropy and cli.model.hparams.weight_decay == 0.0
+    assert callbacks_of(cli, GrokfastCallback)[0].enabled is False
+
+
+def test_parity_config_fits_through_the_console_entry_point(tmp_path: Path) -> None:
+    tiny = ["--data.num_train=64", "--data.num_val=64", "--model.hidden=8", "--trainer.max_steps=4"]
+    tiny += ["--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"]
+    main(["fit", "--config", str(CONFIGS / "parity_ema.yaml"), *tiny, f"--trainer.default_root_dir={tmp_path}"])
+    assert (tmp_path / "lightning_logs" / "version_0" / "grokking_accuracy.png").is_file()
 
 
 # ---------------------------------------------------------------------- the trainer.callbacks class_path form

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import torch
-import torchmetrics
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
+from lightning_grokfast.validation import check_bool, check_int, check_number
 
 OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "+": lambda x, y, p: (x + y) % p,
@@ -67,7 +68,7 @@ def make_modular_dataset(operation: str = "*", p: int = 97) -> tuple[Tensor, Ten
     return inputs, targets
 
 
-class ModularArithmeticDataModule(pl.LightningDataModule):
+class ModularArithmeticDataModule(SplitDataModule):
     """Generated ``x op y (mod p)`` equations, split at random into train and validation sets.
 
     Args:
@@ -97,13 +98,8 @@ class ModularArithmeticDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"`train_fraction` must be in (0, 1), got {train_fraction!r}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"`val_batch_size` must be >= 1 or None, got {val_batch_size!r}.")
+        super().__init__(batch_size, val_batch_size, seed)
+        check_number(train_fraction, "train_fraction", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         self.save_hyperparameters()
         inputs, targets = make_modular_dataset(operation, p)
         generator = torch.Generator().manual_seed(seed)
@@ -111,64 +107,70 @@ class ModularArithmeticDataModule(pl.LightningDataModule):
         n_train = round(train_fraction * len(targets))
         self.train_set = TensorDataset(inputs[order[:n_train]], targets[order[:n_train]])
         self.val_set = TensorDataset(inputs[order[n_train:]], targets[order[n_train:]])
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or len(self.val_set)
-        self.seed = seed
 
     @property
     def num_tokens(self) -> int:
         """Vocabulary size: ``p`` numbers plus the operator and equals tokens."""
         return self.hparams.p + 2
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
 
 class _DecoderBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+    """Causal self-attention and a 4x MLP, pre-norm (the Grokfast reference) or post-norm."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, norm_first: bool) -> None:
         super().__init__()
+        self.norm_first = norm_first
         self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.attention_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
         self.mlp_norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, causal_mask: Tensor) -> Tensor:
+        if self.norm_first:
+            # as the reference code: the residual stream restarts from the normalised input
+            x = self.attention_norm(x)
+            attended, _ = self.attention(x, x, x, attn_mask=causal_mask, need_weights=False)
+            x = x + attended
+            return x + self.mlp(self.mlp_norm(x))
         attended, _ = self.attention(x, x, x, attn_mask=causal_mask, need_weights=False)
         x = self.attention_norm(x + attended)
         return self.mlp_norm(x + self.mlp(x))
 
 
-class GrokTransformer(pl.LightningModule):
+class GrokTransformer(ClassificationTask):
     """The decoder-only transformer of the Grokfast paper's algorithmic-data experiments.
 
-    Token and position embeddings, ``num_layers`` post-norm decoder blocks (causal self-attention and a 4x MLP),
-    a final layer norm and a linear head; the loss and accuracy are taken on the answer (last) position.
-    Optimizer: Adam (or AdamW) with ``betas=(0.9, 0.98)`` and a linear learning-rate warm-up.
+    As the paper's code by default: token and position embeddings, ``num_layers`` pre-norm decoder blocks
+    (``x = ln_1(x); x = x + attn(x); x = x + mlp(ln_2(x))``, causal self-attention and a 4x MLP), a final
+    LayerNorm and a bias-free linear head over all ``num_tokens`` tokens, PyTorch's default initialisation. The
+    loss and accuracy are taken on the answer (last) position. Optimizer: Adam (or AdamW) with
+    ``betas=(0.9, 0.98)`` and a linear learning-rate warm-up.
 
     Args:
         num_tokens: vocabulary size (``p + 2`` for :class:`ModularArithmeticDataModule`).
-        num_classes: number of answers (default ``num_tokens - 2``, i.e. ``p``).
+        num_classes: number of outputs of the head (default ``num_tokens``, as the reference; ``p`` is enough).
         dim: model width (paper: 128).
         num_layers: decoder blocks (paper: 2).
         num_heads: attention heads (paper: 4).
         dropout: dropout probability (paper: 0).
+        norm_first: pre-norm blocks as the reference (default); ``False``: post-norm blocks
+            (``x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))``, the model of lightning-grokfast 0.1).
+        head_bias: whether the head has a bias (reference: no).
         lr: learning rate (paper: 1e-3).
         weight_decay: weight decay (paper: 0 for the baseline, 0.005 with EMA, 0.01 with MA).
         betas: Adam betas (paper: 0.9, 0.98).
         warmup_steps: linear learning-rate warm-up, in optimizer steps (paper: 10).
         optimizer: ``"adam"`` (coupled L2 weight decay, as in the paper's code) or ``"adamw"``.
+        loss: ``"cross_entropy"`` (paper) or ``"stablemax"`` (StableMax cross-entropy, Prieto et al. 2025).
         seq_len: input length (4 for ``[x, op, y, =]``).
+
+    Raises:
+        ValueError: If an argument is out of range.
 
     Example::
 
         model = GrokTransformer(num_tokens=99)
+        post_norm = GrokTransformer(num_tokens=99, num_classes=97, norm_first=False, head_bias=True)  # 0.1's model
 
     """
 
@@ -180,31 +182,35 @@ class GrokTransformer(pl.LightningModule):
         num_layers: int = 2,
         num_heads: int = 4,
         dropout: float = 0.0,
+        norm_first: bool = True,
+        head_bias: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 10,
         optimizer: str = "adam",
+        loss: str = "cross_entropy",
         seq_len: int = 4,
     ) -> None:
-        super().__init__()
-        if optimizer not in ("adam", "adamw"):
-            raise ValueError(f"`optimizer` must be 'adam' or 'adamw', got {optimizer!r}.")
+        check_int(num_tokens, "num_tokens", low=2)
+        num_classes = num_tokens if num_classes is None else num_classes
+        super().__init__(num_classes, lr, weight_decay, betas, warmup_steps, optimizer, loss)
+        check_int(dim, "dim", low=1)
+        check_int(num_layers, "num_layers", low=1)
+        check_int(num_heads, "num_heads", low=1)
+        check_int(seq_len, "seq_len", low=1)
+        check_number(dropout, "dropout", low=0.0, high=1.0, high_inclusive=False)
+        check_bool(norm_first, "norm_first")
+        check_bool(head_bias, "head_bias")
         if dim % num_heads:
             raise ValueError(f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
-        if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
-            raise ValueError("`lr` must be > 0, `weight_decay` >= 0 and `warmup_steps` >= 0.")
-        self.save_hyperparameters()
-        num_classes = num_classes or num_tokens - 2
         self.token_embedding = nn.Embedding(num_tokens, dim)
         self.position_embedding = nn.Embedding(seq_len, dim)
-        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, dropout, norm_first) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes, bias=head_bias)
         self.register_buffer("causal_mask", torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1))
         self.register_buffer("positions", torch.arange(seq_len))
-        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def forward(self, inputs: Tensor) -> Tensor:
         """Logits of the answer for each ``(batch, seq_len)`` input."""
@@ -213,37 +219,3 @@ class GrokTransformer(pl.LightningModule):
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.final_norm(h[:, -1]))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        inputs, targets = batch
-        logits = self(inputs)
-        loss = nn.functional.cross_entropy(logits, targets)
-        self.train_acc(logits, targets)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        inputs, targets = batch
-        logits = self(inputs)
-        self.val_acc(logits, targets)
-        self.log("val_loss", nn.functional.cross_entropy(logits, targets), prog_bar=True)
-        self.log("val_acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        inputs, targets = batch
-        logits = self(inputs)
-        self.log("test_loss", nn.functional.cross_entropy(logits, targets))
-        self.log("test_acc", (logits.argmax(-1) == targets).float().mean())
-
-    def configure_optimizers(self):  # type: ignore[override]
-        optimizer_class = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
-        optimizer = optimizer_class(
-            self.parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            betas=tuple(self.hparams.betas),
-        )
-        warmup = self.hparams.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

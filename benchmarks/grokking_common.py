@@ -1,0 +1,379 @@
+"""The engine of the grokking benchmarks: tasks, methods, one ``Trainer.fit`` per run, summaries, tables, figures.
+
+``grokking.py`` (the paper's table on modular multiplication) and ``grokking_leaderboard.py`` (every method at
+matched weight decay on every built-in task) are thin command lines over this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_grokfast import GrokfastCallback, GrokkingDetectorCallback
+from lightning_grokfast.tasks import (
+    DigitsDataModule,
+    GrokTransformer,
+    MLPClassifier,
+    ModularArithmeticDataModule,
+    SparseParityDataModule,
+)
+from lightning_grokfast.tasks.base import warmup_schedule
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_BASELINE_STEPS = 39_890  # modular multiplication p=97, no filter, weight decay 0 (official repository)
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """A built-in task with its model, its matched weight decay, its accuracy marks (the last is the target)."""
+
+    name: str
+    label: str
+    build: Callable[[int, float, str, bool], tuple[pl.LightningModule, pl.LightningDataModule]]
+    weight_decay: float
+    marks: tuple[float, ...]
+    max_steps: int
+    val_every: int
+    ema: dict[str, Any]
+    command: str  # the lightning-grokfast config of the task's no-filter run
+
+
+def _modular(seed: int, weight_decay: float, loss: str, smoke: bool) -> tuple[Any, Any]:
+    data = ModularArithmeticDataModule(p=23 if smoke else 97, batch_size=64 if smoke else 512, seed=seed)
+    size = {"dim": 32, "num_heads": 2, "num_layers": 1} if smoke else {}
+    return GrokTransformer(num_tokens=data.num_tokens, weight_decay=weight_decay, loss=loss, **size), data
+
+
+def _parity(seed: int, weight_decay: float, loss: str, smoke: bool) -> tuple[Any, Any]:
+    data = SparseParityDataModule(num_bits=30, k=3, num_train=200 if smoke else 1000, batch_size=1000, seed=seed)
+    model = MLPClassifier(30, 2, hidden=32 if smoke else 512, optimizer="adamw", weight_decay=weight_decay, loss=loss)
+    return model, data
+
+
+def _digits(seed: int, weight_decay: float, loss: str, smoke: bool) -> tuple[Any, Any]:
+    data = DigitsDataModule(num_train=500, batch_size=500, seed=seed)
+    hidden = 32 if smoke else 200
+    model = MLPClassifier(
+        64, 10, hidden=hidden, depth=2, init_scale=16.0, optimizer="adamw", weight_decay=weight_decay, loss=loss
+    )
+    return model, data
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "modular",
+            "x*y mod 97, transformer, Adam",
+            _modular,
+            0.005,
+            (0.5, 0.9, 0.95),
+            3000,
+            10,
+            {"filter": "ema", "alpha": 0.98, "lamb": 2.0},
+            "configs/baseline.yaml --model.weight_decay 0.005",
+        ),
+        Task(
+            "parity",
+            "sparse parity (n=30, k=3, 1,000 train), MLP, AdamW",
+            _parity,
+            1.0,
+            (0.6, 0.9, 0.95),
+            15000,
+            50,
+            {"filter": "ema", "alpha": 0.98, "lamb": 2.0},
+            "configs/parity_baseline.yaml",
+        ),
+        Task(
+            "digits",
+            "digits (500 train), MLP x16 init, AdamW",
+            _digits,
+            1.0,
+            (0.5, 0.8, 0.9),
+            5000,
+            25,
+            {"filter": "ema", "alpha": 0.8, "lamb": 0.1},  # the paper's MNIST setting
+            "configs/digits_baseline.yaml",
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """One row: a filter (``"ema"`` means the task's EMA setting), detector, optimizer anchor, loss, weight decay."""
+
+    name: str
+    label: str
+    grokfast: dict[str, Any] | str | None = None
+    detector: dict[str, Any] | None = None
+    anchor: str | None = None
+    loss: str = "cross_entropy"
+    weight_decay: float | None = None  # None: the task's matched weight decay
+    needs: tuple[str, ...] = ()  # GrokfastCallback arguments this row needs (added on main by the lead)
+
+    def grokfast_kwargs(self, task: Task) -> dict[str, Any] | None:
+        if self.grokfast is None:
+            return None
+        if isinstance(self.grokfast, str):
+            return {**task.ema, **METHOD_EXTRAS.get(self.grokfast, {})}
+        return dict(self.grokfast)
+
+
+METHOD_EXTRAS = {"ema": {}, "ema_orthogonal": {"orthogonal": True}}
+MA = {"filter": "ma", "window_size": 100, "lamb": 5.0}
+
+
+def missing_requirement(method: Method) -> str | None:
+    """Why ``method`` cannot run here (an anchor package or a GrokfastCallback argument is missing), or None."""
+    if method.anchor:
+        module = "grokfast_pytorch" if method.anchor == "grokfastadamw" else "grokadamw"
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (`pip install -e .[bench]`)"
+    parameters = inspect.signature(GrokfastCallback).parameters
+    absent = [name for name in method.needs if name not in parameters]
+    return f"GrokfastCallback has no {absent} yet" if absent else None
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+class MilestoneCallback(Callback):
+    """Records the first step and time at which validation accuracy reaches each mark; stops at the last mark.
+
+    Args:
+        marks: validation accuracies to record, ascending.
+        metric: the validation metric in ``trainer.callback_metrics``.
+        progress_every: print the accuracies about every this many steps (0: never).
+
+    """
+
+    def __init__(self, marks: tuple[float, ...], metric: str = "val_acc", progress_every: int = 0) -> None:
+        self.marks = marks
+        self.metric = metric
+        self.progress_every = progress_every
+        self.steps: dict[float, int] = {}
+        self.seconds: dict[float, float] = {}
+        self.curve: list[tuple[int, float, float]] = []  # (step, val_acc, train_acc)
+        self._start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        val = float(metrics[self.metric])
+        train = float(metrics.get("train_acc_step", metrics.get("train_acc", torch.tensor(math.nan))))
+        step = trainer.global_step
+        self.curve.append((step, val, train))
+        for mark in self.marks:
+            if mark not in self.steps and val >= mark:
+                self.steps[mark] = step
+                self.seconds[mark] = time.perf_counter() - self._start
+        if self.progress_every and step % self.progress_every < trainer.val_check_interval:
+            print(f"[grokking] step {step}: val_acc {val:.4f} train_acc {train:.4f}", flush=True)
+        if val >= self.marks[-1]:
+            trainer.should_stop = True
+
+
+def use_anchor_optimizer(model: pl.LightningModule, anchor: str) -> None:
+    """Make ``model`` train with a PyPI anchor (GrokFastAdamW or GrokAdamW) and the same warm-up.
+
+    The paper's numbers go to their arguments of the same name (alpha 0.98, lamb 2) and the model's lr and betas
+    to theirs. Both decay the weights decoupled, as AdamW: GrokAdamW by ``lr * weight_decay`` per step, so it gets
+    the model's ``weight_decay``; GrokFastAdamW by ``weight_decay`` itself (not multiplied by lr), so it gets
+    ``lr * weight_decay``: the same decay per step as AdamW with the model's weight decay. (On the modular task the
+    other rows use Adam's coupled L2 weight decay, a different regulariser.)
+    """
+    hp = model.hparams
+
+    def configure_optimizers(self: pl.LightningModule) -> dict[str, Any]:
+        warnings.filterwarnings("ignore", module="grokadamw")
+        warnings.filterwarnings("ignore", message=".*autocast.*")
+        common = {"lr": hp["lr"], "betas": tuple(hp["betas"])}
+        if anchor == "grokfastadamw":
+            from grokfast_pytorch import GrokFastAdamW
+
+            optimizer = GrokFastAdamW(
+                self.parameters(),
+                grokfast_alpha=0.98,
+                grokfast_lamb=2.0,
+                weight_decay=hp["lr"] * hp["weight_decay"],
+                **common,
+            )
+        else:
+            level = logging.getLogger().level
+            from grokadamw import GrokAdamW  # its import sets the root logger to INFO
+
+            logging.getLogger().setLevel(level)
+            optimizer = GrokAdamW(
+                self.parameters(), alpha_init=0.98, lamb=2.0, weight_decay=hp["weight_decay"], **common
+            )
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp["warmup_steps"])}
+
+    model.configure_optimizers = MethodType(configure_optimizers, model)  # type: ignore[method-assign]
+
+
+@dataclass
+class Settings:
+    """Caps and sizes of one benchmark invocation."""
+
+    mode: str = "full"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    max_steps: int | None = None  # None: the task's own cap
+    val_every: int | None = None  # None: the task's own interval
+    progress_every: int = 0
+
+
+def run_one(
+    task: Task, method: Method, seed: int, settings: Settings, weight_decay: float | None = None, cap: int | None = None
+) -> dict[str, Any]:
+    """Train ``method`` on ``task`` with one seed (split and initialisation); return milestones and curve."""
+    pl.seed_everything(seed, verbose=False)
+    if weight_decay is None:
+        weight_decay = task.weight_decay if method.weight_decay is None else method.weight_decay
+    model, datamodule = task.build(seed, weight_decay, method.loss, settings.mode == "smoke")
+    if method.anchor:
+        use_anchor_optimizer(model, method.anchor)
+    milestones = MilestoneCallback(task.marks, progress_every=settings.progress_every)
+    callbacks: list[Callback] = [milestones]
+    grokfast_kwargs = method.grokfast_kwargs(task)
+    grokfast = GrokfastCallback(**grokfast_kwargs) if grokfast_kwargs else None
+    if grokfast is not None:
+        callbacks.append(grokfast)
+    detector = None
+    if method.detector:
+        detector = GrokkingDetectorCallback(
+            train_metric="train_acc", val_metric="val_acc", stop_on_convergence=False, verbose=False, **method.detector
+        )
+        callbacks.append(detector)
+    cap = cap or settings.max_steps or task.max_steps
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=cap,
+        max_epochs=-1,
+        val_check_interval=settings.val_every or task.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    result: dict[str, Any] = {
+        "task": task.name,
+        "config": method.name,
+        "seed": seed,
+        "weight_decay": weight_decay,
+        "cap": cap,
+        "steps_run": trainer.global_step,
+        "wall_s": time.perf_counter() - start,
+        "steps_to": {str(m): milestones.steps.get(m) for m in task.marks},
+        "seconds_to": {str(m): milestones.seconds.get(m) for m in task.marks},
+        "final_val_acc": milestones.curve[-1][1] if milestones.curve else None,
+        "curve": milestones.curve,
+    }
+    if grokfast is not None:
+        result["final_lamb"] = grokfast.lamb
+    if detector is not None:
+        result["detector"] = [{"phase": t.phase, "step": t.step} for t in detector.transitions]
+    print(f"[grokking] {task.name}/{method.name} seed {seed}: steps to {result['steps_to']}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if all(math.isfinite(v) for v in values) else statistics.median_low(values)
+
+
+def summarize_marks(rows: list[dict[str, Any]], marks: tuple[float, ...]) -> dict[str, Any]:
+    """Per mark: how many runs reached it, median and range of steps and seconds (unreached counts as inf)."""
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows], "cap": max(r["cap"] for r in rows), "marks": {}}
+    for mark in map(str, marks):
+        steps = sorted(math.inf if r["steps_to"][mark] is None else r["steps_to"][mark] for r in rows)
+        secs = sorted(math.inf if r["seconds_to"][mark] is None else r["seconds_to"][mark] for r in rows)
+        out["marks"][mark] = {
+            "reached": sum(math.isfinite(s) for s in steps),
+            "steps_median": _median(steps),
+            "steps_min": steps[0],
+            "steps_max": steps[-1],
+            "seconds_median": _median(secs),
+            "seconds_min": secs[0],
+            "seconds_max": secs[-1],
+        }
+    return out
+
+
+def cell(mark: dict[str, Any], cap: int, unit: str = "steps") -> str:
+    """``median (min - max)`` of steps or seconds, ``not reached by N`` / ``n/a`` when no run reached the mark."""
+    if mark["reached"] == 0:
+        return f"not reached by {cap:,}" if unit == "steps" else "n/a"
+    if unit == "steps":
+        values = [f"{v:,.0f}" if math.isfinite(v) else f"> {cap:,}" for v in (mark[f"steps_{k}"] for k in KEYS)]
+    else:
+        values = [f"{v:.0f} s" if math.isfinite(v) else "not reached" for v in (mark[f"seconds_{k}"] for k in KEYS)]
+    med, lo, hi = values
+    return med if lo == hi else f"{med} ({lo} - {hi})"
+
+
+KEYS = ("median", "min", "max")
+
+
+def speedup(base: dict[str, Any] | None, steps: float, mark: str) -> str:
+    """Baseline steps / ours at ``mark``; a lower bound (``>``) when the baseline hit its cap."""
+    if base is None or not math.isfinite(steps):
+        return ""
+    base_steps = base["marks"][mark]["steps_median"]
+    if math.isfinite(base_steps):
+        return f"{base_steps / steps:.1f}x"
+    return f"> {base['cap'] / steps:.1f}x" if base["cap"] > steps else ""
+
+
+def load_runs(path: Path, resume: bool, merge: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Finished runs of an earlier invocation (``--resume``) and of the JSON files in ``merge`` (``--merge``)."""
+    runs = json.loads(path.read_text())["runs"] if resume and path.exists() else []
+    for other in merge or []:
+        runs += [r for r in json.loads(other.read_text())["runs"] if r not in runs]
+    return runs
+
+
+def plot_curves(ax: Any, runs: list[dict[str, Any]], labels: dict[str, str], title: str, target: float) -> None:
+    """Validation (solid) and train-batch (dashed) accuracy of every run, one colour per row, log step axis."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(labels):
+        for j, run in enumerate(r for r in runs if r["config"] == name):
+            if not run["curve"]:
+                continue
+            steps, val, train = zip(*[(max(s, 1), v, t) for s, v, t in run["curve"]])
+            ax.plot(steps, val, color=colors(i % 10), alpha=0.85, lw=1.1, label=labels[name] if j == 0 else None)
+            ax.plot(steps, train, color=colors(i % 10), alpha=0.25, lw=0.7, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("accuracy")
+    ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=6, loc="upper left")
+    ax.set_title(title, fontsize=9)

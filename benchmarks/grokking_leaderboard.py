@@ -1,0 +1,181 @@
+"""Leaderboard: every method at matched weight decay on every built-in task, steps and time to the target accuracy.
+
+Tasks (``--tasks``; model, data and weight decay in ``grokking_common.TASKS``):
+
+``modular``  ``x*y mod 97``, the paper's transformer, Adam with coupled weight decay 0.005, target 95 %.
+``parity``   sparse parity n=30 k=3 with 1,000 training examples, a 512-wide MLP, AdamW weight decay 1, target 95 %.
+``digits``   scikit-learn's digits with 500 training images, a 2x200 MLP with a x16 initialisation (Omnigrok),
+             AdamW weight decay 1, target 90 % (the MLP's ceiling with 500 images is about 95 %).
+
+Rows (``--methods``): no filter; Grokfast EMA (the paper's setting for the kind of task: alpha 0.98 lamb 2, or
+its MNIST setting alpha 0.8 lamb 0.1 on digits); MA (window 100, lamb 5); EMA+MA (both terms); EMA with the
+detector's boost (lamb x1.5 once grokking is detected, at most 4); the anchors GrokFastAdamW and GrokAdamW
+(``pip install -e .[bench]``; their weight decay is decoupled); ⊥Grad alone and EMA + ⊥Grad (rows that need
+``GrokfastCallback(orthogonal=...)``, ``filter="none"``: skipped with a message where the callback lacks them);
+StableMax cross-entropy without weight decay and without filter. Every row of a task uses the task's weight
+decay, except the StableMax row (0, its point).
+
+Each run is a ``Trainer.fit`` that validates every few steps (the task's interval) and stops at the target or the
+task's cap. ``--seeds`` (default 0 1 2); ``--smoke`` for the tests. Writes ``benchmarks/results/<stem>.{json,md}``
+(stem ``grokking_leaderboard`` by default) after every run; ``--resume`` keeps the runs already there, so the
+grid can be run piecewise (``--methods none ema --seeds 1 2 --resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, quiet_lightning
+from grokking_common import (
+    MA,
+    RESULTS,
+    TASKS,
+    Method,
+    Settings,
+    cell,
+    load_runs,
+    missing_requirement,
+    run_one,
+    speedup,
+    summarize_marks,
+)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("none", "no filter"),
+        Method("ema", "Grokfast EMA", grokfast="ema"),
+        Method("ma", "Grokfast MA (w 100, lamb 5)", grokfast=MA),
+        Method(
+            "ema_ma",
+            "Grokfast EMA+MA",
+            grokfast={"filter": "ema+ma", "alpha": 0.98, "lamb": 2.0, "window_size": 100, "ma_lamb": 5.0},
+        ),
+        Method("ema_detector", "EMA + detector boost", grokfast="ema", detector={"lambda_boost": 1.5, "max_lamb": 4.0}),
+        Method("grokfastadamw", "GrokFastAdamW (grokfast-pytorch)", anchor="grokfastadamw"),
+        Method("grokadamw", "GrokAdamW (grokadamw)", anchor="grokadamw"),
+        Method("orthograd", "⊥Grad alone", grokfast={"filter": "none", "orthogonal": True}, needs=("orthogonal",)),
+        Method("ema_orthograd", "Grokfast EMA + ⊥Grad", grokfast="ema_orthogonal", needs=("orthogonal",)),
+        Method("stablemax_wd0", "StableMax loss, wd 0, no filter", loss="stablemax", weight_decay=0.0),
+    )
+}
+
+
+def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> str:
+    """One table: per task and row, seeds, steps and time to the target, runs that reached it, speed-up."""
+    lines = [
+        "| task | row | wd | seeds | steps to target | time to target | reached | speed-up vs no filter | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task_name, rows in summary.items():
+        task = TASKS[task_name]
+        target = str(task.marks[-1])
+        base = rows.get("none")
+        for name, entry in rows.items():
+            method, mark, cap = METHODS[name], entry["marks"][target], entry["cap"]
+            weight_decay = task.weight_decay if method.weight_decay is None else method.weight_decay
+            ratio = speedup(base, mark["steps_median"], target) if name != "none" else ""
+            lines.append(
+                f"| {task_name} ({float(target):.0%}) | {method.label} | {weight_decay:g}"
+                f" | {' '.join(map(str, entry['seeds']))} | {cell(mark, cap)} | {cell(mark, cap, 'seconds')}"
+                f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | `{commands.get(f'{task_name}/{name}', '')}` |"
+            )
+    return "\n".join([*lines, ""])
+
+
+def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
+    """Accuracy curves of every run, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from grokking_common import plot_curves
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
+    for ax, task_name in zip(axes[0], tasks):
+        task_runs = [r for r in runs if r["task"] == task_name]
+        labels = {n: METHODS[n].label for n in METHODS if any(r["config"] == n for r in task_runs)}
+        plot_curves(ax, task_runs, labels, TASKS[task_name].label, TASKS[task_name].marks[-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the selected tasks x methods x seeds; write the JSON, the table and the figure."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (for the tests)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs found in the JSON")
+    parser.add_argument("--merge", nargs="+", type=Path, help="also take the runs of these result JSON files")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default=None, help="file name stem (default grokking_leaderboard[_smoke])")
+    args = parser.parse_args(argv)
+
+    settings = Settings(mode="smoke" if args.smoke else "full", seeds=args.seeds)
+    if args.smoke:
+        settings.max_steps, settings.val_every, settings.seeds = 8, 4, [0]
+    if args.threads or args.smoke:
+        torch.set_num_threads(args.threads or 1)
+    quiet_lightning()
+    stem = args.stem or ("grokking_leaderboard_smoke" if args.smoke else "grokking_leaderboard")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.out_dir / f"{stem}.json"
+    runs = load_runs(json_path, args.resume, args.merge)
+    command = " ".join(["python benchmarks/grokking_leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
+    commands = {f"{r['task']}/{r['config']}": r.get("command", "") for r in runs}
+    started = time.perf_counter()
+    for task_name in args.tasks:
+        for name in args.methods:
+            why = "--table-only" if args.table_only else missing_requirement(METHODS[name])
+            if why:
+                print(f"[grokking] SKIPPING {name}: {why}", flush=True)
+                continue
+            for seed in settings.seeds:
+                if any((r["task"], r["config"], r["seed"]) == (task_name, name, seed) for r in runs):
+                    continue
+                result = run_one(TASKS[task_name], METHODS[name], seed, settings)
+                result["command"] = commands[f"{task_name}/{name}"] = command
+                runs.append(result)
+                json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
+    report = _report(runs, command, settings, started)
+    table = markdown(report["summary"], commands)
+    print(f"\n{table}")
+    (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")
+    plot(runs, list(report["summary"]), args.out_dir / f"{stem}.png")
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"[grokking] wrote {json_path}, {stem}.md and {stem}.png")
+    return report
+
+
+def _report(runs: list[dict[str, Any]], command: str, settings: Settings, started: float) -> dict[str, Any]:
+    summary: dict[str, dict[str, Any]] = {}
+    for task_name, task in TASKS.items():
+        for name in METHODS:
+            rows = [r for r in runs if r["task"] == task_name and r["config"] == name]
+            if rows:
+                summary.setdefault(task_name, {})[name] = summarize_marks(rows, task.marks)
+    return {
+        "command": command,
+        "settings": vars(settings),
+        "environment": environment("cpu"),
+        "seconds": time.perf_counter() - started,
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""A multilayer perceptron classifier for the vector-input tasks (sparse parity, digits)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from lightning_grokfast.tasks.base import ClassificationTask
+from lightning_grokfast.validation import check_int, check_number
+
+
+class MLPClassifier(ClassificationTask):
+    """ReLU MLP with ``depth`` hidden layers of width ``hidden``, optionally with all weights scaled up at init.
+
+    A large initialisation (``init_scale`` > 1, as in Omnigrok, Liu et al. 2022) makes a model memorise its
+    training set first and generalise only once weight decay has shrunk its weights: grokking on tasks that
+    otherwise generalise at once. The optimizer arguments default to those of every built-in task (so that
+    ``--model MLPClassifier`` after the default task keeps them); the parity and digits configs set theirs.
+
+    Args:
+        num_inputs: input features (``num_bits`` of :class:`~lightning_grokfast.tasks.SparseParityDataModule`, 64
+            for :class:`~lightning_grokfast.tasks.DigitsDataModule`).
+        num_classes: classes (2 for parity, 10 for digits).
+        hidden: width of the hidden layers.
+        depth: number of hidden layers, ``>= 1``.
+        init_scale: factor applied to every parameter after PyTorch's default initialisation, ``> 0``.
+        lr: learning rate.
+        weight_decay: weight decay, ``>= 0``.
+        betas: Adam betas.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        optimizer: ``"adam"`` or ``"adamw"`` (decoupled weight decay, used by the parity and digits configs).
+        loss: ``"cross_entropy"`` or ``"stablemax"``.
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        model = MLPClassifier(num_inputs=30, num_classes=2, hidden=512, weight_decay=1.0, optimizer="adamw")
+
+    """
+
+    def __init__(
+        self,
+        num_inputs: int = 30,
+        num_classes: int = 2,
+        hidden: int = 512,
+        depth: int = 1,
+        init_scale: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 10,
+        optimizer: str = "adam",
+        loss: str = "cross_entropy",
+    ) -> None:
+        super().__init__(num_classes, lr, weight_decay, betas, warmup_steps, optimizer, loss)
+        check_int(num_inputs, "num_inputs", low=1)
+        check_int(hidden, "hidden", low=1)
+        check_int(depth, "depth", low=1)
+        check_number(init_scale, "init_scale", low=0.0, low_inclusive=False)
+        widths = [num_inputs] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for parameter in self.net.parameters():
+                    parameter.mul_(init_scale)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Logits of shape ``(batch, num_classes)``."""
+        return self.net(inputs)

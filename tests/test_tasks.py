@@ -1,0 +1,158 @@
+"""The built-in tasks: data sizes, disjoint splits, determinism, the reference model, and that they grok."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_grokfast.losses import stablemax_cross_entropy
+from lightning_grokfast.tasks import (
+    DigitsDataModule,
+    GrokTransformer,
+    MLPClassifier,
+    ModularArithmeticDataModule,
+    SparseParityDataModule,
+    make_sparse_parity_dataset,
+)
+from lightning_grokfast.tasks.digits import load_digits_tensors
+from tests.helpers import trainer
+
+
+def _rows(dataset: torch.utils.data.TensorDataset) -> set[tuple[float, ...]]:
+    return {tuple(row.tolist()) for row in dataset.tensors[0]}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_sparse_parity_has_the_requested_sizes_and_labels_the_relevant_bits() -> None:
+    data = SparseParityDataModule(num_bits=12, k=3, num_train=100, num_val=300, seed=4)
+    inputs, targets = data.train_set.tensors
+    assert inputs.shape == (100, 12) and len(data.val_set) == 300
+    assert set(inputs.unique().tolist()) == {-1.0, 1.0}
+    expected = (inputs[:, data.relevant_bits] < 0).sum(1) % 2
+    assert torch.equal(targets, expected) and len(data.relevant_bits) == 3
+    assert (data.num_inputs, data.num_classes) == (12, 2)
+
+
+def test_sparse_parity_split_is_disjoint_and_deterministic_by_seed() -> None:
+    a, b, c = (SparseParityDataModule(num_bits=10, num_train=200, num_val=500, seed=s) for s in (1, 1, 2))
+    assert not _rows(a.train_set) & _rows(a.val_set)
+    assert len(_rows(a.train_set) | _rows(a.val_set)) == 700  # all distinct
+    assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])
+    assert not torch.equal(a.train_set.tensors[0], c.train_set.tensors[0])
+
+
+def test_sparse_parity_rejects_impossible_sizes() -> None:
+    with pytest.raises(ValueError, match="`k` must be"):
+        make_sparse_parity_dataset(num_bits=4, k=5)
+    with pytest.raises(ValueError, match="`num_examples` must be at most"):
+        make_sparse_parity_dataset(num_bits=4, k=2, num_examples=17)
+    with pytest.raises(ValueError, match="`num_train` must be"):
+        SparseParityDataModule(num_train=0)
+
+
+def test_digits_split_sizes_disjoint_and_deterministic_by_seed() -> None:
+    a, b, c = (DigitsDataModule(num_train=300, seed=s) for s in (0, 0, 1))
+    assert len(a.train_set) == 300 and len(a.val_set) == 1797 - 300
+    assert a.train_set.tensors[0].shape[1] == a.num_inputs == 64 and a.num_classes == 10
+    assert float(a.train_set.tensors[0].max()) <= 1.0
+    split = torch.cat([a.train_set.tensors[0], a.val_set.tensors[0]])
+    assert Counter(map(tuple, split.tolist())) == Counter(map(tuple, load_digits_tensors()[0].tolist()))  # a partition
+    assert torch.equal(a.train_set.tensors[1], b.train_set.tensors[1])
+    assert not torch.equal(a.train_set.tensors[0], c.train_set.tensors[0])
+    with pytest.raises(ValueError, match="`num_train` must be"):
+        DigitsDataModule(num_train=1797)
+
+
+def test_modular_split_is_disjoint_and_covers_every_equation() -> None:
+    data = ModularArithmeticDataModule(p=11, seed=3)
+    assert len(data.train_set) + len(data.val_set) == 11 * 10
+    assert not _rows(data.train_set) & _rows(data.val_set)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def test_transformer_is_pre_norm_with_a_bias_free_head_over_all_tokens_by_default() -> None:
+    model = GrokTransformer(num_tokens=13, dim=16, num_heads=2, num_layers=1)
+    assert model.head.out_features == 13 and model.head.bias is None
+    assert model.blocks[0].norm_first
+    assert model(torch.randint(0, 13, (5, 4))).shape == (5, 13)
+
+
+def test_pre_norm_block_normalises_before_attention_and_mlp() -> None:
+    torch.manual_seed(0)
+    model = GrokTransformer(num_tokens=13, dim=16, num_heads=2, num_layers=1)
+    block, x = model.blocks[0], torch.randn(3, 4, 16)
+    mask = model.causal_mask
+    h = block.attention_norm(x)
+    h = h + block.attention(h, h, h, attn_mask=mask, need_weights=False)[0]
+    expected = h + block.mlp(block.mlp_norm(h))
+    torch.testing.assert_close(block(x, mask), expected)
+
+
+def test_post_norm_option_gives_the_earlier_model() -> None:
+    model = GrokTransformer(num_tokens=13, num_classes=11, dim=16, num_heads=2, norm_first=False, head_bias=True)
+    assert not model.blocks[0].norm_first and model.head.bias is not None and model.head.out_features == 11
+    torch.manual_seed(0)
+    block, x = model.blocks[0], torch.randn(3, 4, 16)
+    h = block.attention_norm(x + block.attention(x, x, x, attn_mask=model.causal_mask, need_weights=False)[0])
+    torch.testing.assert_close(block(x, model.causal_mask), block.mlp_norm(h + block.mlp(h)))
+
+
+def test_mlp_scales_its_initialisation() -> None:
+    torch.manual_seed(0)
+    plain = MLPClassifier(num_inputs=8, num_classes=3, hidden=16)
+    torch.manual_seed(0)
+    scaled = MLPClassifier(num_inputs=8, num_classes=3, hidden=16, init_scale=4.0)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, 4 * p)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "hinge"}, "`loss` must be one of"),
+        ({"optimizer": "sgd"}, "`optimizer` must be one of"),
+        ({"weight_decay": -1.0}, "`weight_decay` must be"),
+        ({"init_scale": 0.0}, "`init_scale` must be"),
+        ({"depth": 0}, "`depth` must be"),
+    ],
+)
+def test_models_reject_bad_arguments_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MLPClassifier(**kwargs)
+
+
+def test_loss_option_selects_stablemax() -> None:
+    assert GrokTransformer(loss="stablemax").loss_fn is stablemax_cross_entropy
+    assert MLPClassifier().loss_fn is nn.functional.cross_entropy
+
+
+# ---------------------------------------------------------------------------------------------------- they grok
+def _accuracies(model: pl.LightningModule, data: pl.LightningDataModule, steps: int) -> tuple[float, float]:
+    """Train ``steps`` full-batch steps with the Trainer; return (train accuracy, validation accuracy)."""
+    pl.seed_everything(0, verbose=False)
+    trainer(max_steps=steps, limit_val_batches=0).fit(model, datamodule=data)
+    model.eval()
+    with torch.no_grad():
+        (train_x, train_y), (val_x, val_y) = data.train_set.tensors, data.val_set.tensors
+        return (
+            float((model(train_x).argmax(-1) == train_y).float().mean()),
+            float((model(val_x).argmax(-1) == val_y).float().mean()),
+        )
+
+
+def test_sparse_parity_is_memorised_long_before_it_generalises() -> None:
+    torch.manual_seed(0)
+    model = MLPClassifier(num_inputs=30, num_classes=2, hidden=256, optimizer="adamw", weight_decay=1.0)
+    train, val = _accuracies(model, SparseParityDataModule(num_train=500, batch_size=500), steps=250)
+    assert train == 1.0 and val < 0.75
+
+
+def test_digits_with_a_large_init_are_memorised_before_they_generalise() -> None:
+    torch.manual_seed(0)
+    model = MLPClassifier(64, 10, hidden=200, depth=2, init_scale=16.0, optimizer="adamw", weight_decay=1.0)
+    train, val = _accuracies(model, DigitsDataModule(num_train=500), steps=200)
+    assert train >= 0.99 and val < 0.85

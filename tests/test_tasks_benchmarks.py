@@ -1,0 +1,79 @@
+"""The grokking benchmarks (paper table and leaderboard) run in their smallest mode and summarise correctly."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_benchmarks import BENCHMARKS, _load
+
+common = _load("grokking_common")
+
+
+def test_summary_counts_unreached_marks_as_beyond_the_cap() -> None:
+    marks = [
+        {"0.5": 10, "0.9": 20, "0.95": 30},
+        {"0.5": 12, "0.9": None, "0.95": None},
+        {"0.5": 8, "0.9": 40, "0.95": 50},
+    ]
+    runs = [{"config": "ema", "seed": s, "cap": 100, "steps_to": m, "seconds_to": m} for s, m in enumerate(marks)]
+    summary = common.summarize_marks(runs, (0.5, 0.9, 0.95))["marks"]
+    assert summary["0.5"]["steps_median"] == 10 and summary["0.5"]["reached"] == 3
+    assert summary["0.9"]["steps_median"] == 40 and summary["0.9"]["steps_max"] == math.inf
+    assert summary["0.95"]["reached"] == 2
+    assert common.cell(summary["0.95"], 100) == "50 (30 - > 100)"
+
+
+def test_speedup_is_a_lower_bound_when_the_baseline_hit_its_cap() -> None:
+    reached = {"cap": 3000, "marks": {"0.95": {"steps_median": 2000.0}}}
+    capped = {"cap": 3000, "marks": {"0.95": {"steps_median": math.inf}}}
+    assert common.speedup(reached, 1000.0, "0.95") == "2.0x"
+    assert common.speedup(capped, 1000.0, "0.95") == "> 3.0x"
+    assert common.speedup(reached, math.inf, "0.95") == ""
+
+
+def test_rows_needing_callback_arguments_that_do_not_exist_are_reported_missing() -> None:
+    needs_nothing = common.Method("none", "no filter")
+    needs_unknown = common.Method("x", "x", grokfast={"filter": "ema"}, needs=("no_such_argument",))
+    assert common.missing_requirement(needs_nothing) is None
+    assert "no_such_argument" in common.missing_requirement(needs_unknown)
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--smoke", "--out-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_paper_table_script_runs_in_smoke_mode(tmp_path: Path) -> None:
+    result = _run("grokking", tmp_path)
+    report = json.loads((tmp_path / "grokking_smoke.json").read_text())
+    assert {run["config"] for run in report["runs"]} == {
+        "baseline_wd0",
+        "baseline_wd0.005",
+        "baseline_wd0.01",
+        "ema",
+        "ma",
+        "ema_detector",
+    }
+    assert "| run | seeds | 50 % |" in result.stdout
+    assert (tmp_path / "grokking_smoke.png").stat().st_size > 0
+
+
+def test_leaderboard_runs_every_task_and_row_in_smoke_mode(tmp_path: Path) -> None:
+    result = _run("grokking_leaderboard", tmp_path, "--methods", "none", "ema", "ema_ma", "stablemax_wd0")
+    report = json.loads((tmp_path / "grokking_leaderboard_smoke.json").read_text())
+    ran = {(run["task"], run["config"]) for run in report["runs"]}
+    assert ran == {(t, m) for t in ("modular", "parity", "digits") for m in ("none", "ema", "ema_ma", "stablemax_wd0")}
+    assert {run["weight_decay"] for run in report["runs"] if run["config"] == "stablemax_wd0"} == {0.0}
+    assert "| task | row | wd |" in result.stdout
+    again = _run("grokking_leaderboard", tmp_path, "--resume", "--table-only")
+    assert again.stdout.count("| parity (95%) |") == 4
