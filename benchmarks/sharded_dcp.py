@@ -8,9 +8,10 @@ checkpointed the way Fabric and Lightning's ``ModelParallelStrategy`` do it (``g
 carries the filter, so "with" / "without" differ by the filter state alone. Save and load are repeated
 ``--repeats`` times, alternating with and without; the medians are reported. During save and load every
 ``DTensor.full_tensor`` / ``redistribute`` call is counted (a gather of the state would go through them).
+``benchmarks/sharded.py`` measures the same through Lightning's Trainer (separate fits with and without).
 
-    python benchmarks/sharded.py                     # EMA and MA (window 10), 2 ranks, 4 x 1024 (~2 min on 2 cores)
-    python benchmarks/sharded.py --smoke             # tiny, writes sharded_smoke.*
+    python benchmarks/sharded_dcp.py            # EMA and MA (window 10), 2 ranks, 4 x 1024 (~2 min on 2 cores)
+    python benchmarks/sharded_dcp.py --smoke    # tiny, writes sharded_dcp_smoke.*
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kinds", nargs="+", default=["ema", "ma"])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round; writes sharded_smoke.*")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round; writes sharded_dcp_smoke.*")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.smoke:
@@ -192,9 +193,9 @@ def main() -> None:
     results = [run_kind(args, kind) for kind in args.kinds]
     text = table(results, args)
     print(text)
-    name = "sharded_smoke" if args.smoke else "sharded"
+    name = "sharded_dcp_smoke" if args.smoke else "sharded_dcp"
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/sharded.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/sharded_dcp.py " + " ".join(sys.argv[1:])
     record = {"command": command.strip(), "settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
     record["environment"] = environment("cpu")
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=1))

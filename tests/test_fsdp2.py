@@ -151,7 +151,7 @@ def test_tensor_parallel_resume_is_bit_identical_with_state_sharded_on_each_plac
 
 
 def test_the_sharded_benchmark_runs_and_finds_each_ranks_state_is_its_shards_share(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_dcp.py"
     result = subprocess.run(
         [sys.executable, str(script), "--smoke", "--kinds", "ema+ma", "--out", str(tmp_path)],
         capture_output=True,
@@ -159,7 +159,7 @@ def test_the_sharded_benchmark_runs_and_finds_each_ranks_state_is_its_shards_sha
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    record = json.loads((tmp_path / "sharded_smoke.json").read_text())
+    record = json.loads((tmp_path / "sharded_dcp_smoke.json").read_text())
     for kind in record["results"]:
         for rank in kind["ranks"]:
             assert rank["state_bytes"] == rank["expected_state_bytes"] > 0
