@@ -106,6 +106,7 @@ class OptimizerBinding:
         self.sharded = False
         self._resume_source = resume_source
         self._checked: dict[tuple[str, str], set[str] | None] = {}
+        self._name_by_id: dict[int, str] = {}
         self.link = OptimizerStateLink(
             self.optimizer,
             self.filter,
@@ -151,6 +152,7 @@ class OptimizerBinding:
                 " ⊥Grad under FSDP2/tensor parallelism is not supported."
             )
         self._layout, self.params, self.names = layout, params, tuple(param_names)
+        self._name_by_id = {id(p): n for p, n in zip(params, param_names)}
         self.filter.set_lamb_scales(self.selection.scales(param_names))
         self.link.track(self.names, self.params)
         return True
@@ -217,8 +219,7 @@ class OptimizerBinding:
         """Zero state for a sharded parameter's load template; ``None`` where the checkpoint being loaded has none."""
         if not self.filter.states and self._resume_source is not None:  # no state yet: this may be a load template
             allowed = self._names_with_saved_state()
-            name = next((n for n, p in zip(self.names, self.params) if p is param), None)
-            if allowed is not None and name not in allowed:
+            if allowed is not None and self._name_by_id.get(id(param)) not in allowed:
                 return None
         return self.filter.empty_state(local(param))
 
