@@ -120,7 +120,7 @@ class CheckLegacyState(Callback):
     def __init__(self, out_dir: Path, legacy: dict, kind: str) -> None:
         self.out_dir, self.legacy, self.kind = out_dir, legacy, kind
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # no step runs: no train end
         grokfast = next(c for c in trainer.callbacks if isinstance(c, GrokfastCallback))
         states = grokfast.filters[0].states
         assert grokfast.filters[0].steps == 6
