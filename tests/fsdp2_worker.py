@@ -3,8 +3,9 @@
 Run as a script (Lightning's launcher re-runs it once per rank): ``python tests/fsdp2_worker.py JOBS.json``, where
 the file holds a list of jobs, all with the same ``devices``, run one after the other in the same processes (one
 process start for many fits). A job: ``out`` (directory), ``kind`` (a filter, ``ma:5`` for window 5, or ``off``
-for no GrokfastCallback), ``devices``, ``epochs``, ``ckpt`` (or null), ``layout`` (``fsdp2`` or ``tp``) and
-``expect_error`` (only with ``devices == 1``: the exception's text goes to ``error.txt`` and the next job runs).
+for no GrokfastCallback), ``devices``, ``epochs``, ``ckpt`` (or null), ``layout`` (``fsdp2``, ``tp``, or
+``fabric``: attach_grokfast under Fabric, see ``run_fabric_job``) and ``expect_error`` (only with
+``devices == 1``: the exception's text goes to ``error.txt`` and the next job runs).
 Each job writes into ``out``: ``epoch=*.ckpt`` (distributed checkpoints), ``final.pt`` (the full parameters,
 gathered after training), ``rank{r}.json`` (full-tensor gathers counted during ``fit``, the filter's steps and
 state bytes, the local shard sizes), ``rank{r}_state.pt`` (this rank's local filter state) and ``warnings.txt``.
@@ -16,6 +17,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -139,11 +141,71 @@ def run_job(job: dict) -> None:
         torch.save(full, out / "final.pt")
 
 
+class Net(nn.Module):
+    """ShardedModel's layers as a plain module (for Fabric)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def run_fabric_job(job: dict) -> None:
+    """attach_grokfast under Fabric + FSDP2: ``epochs`` is the number of steps; ``save_at``: save after that step;
+    ``ckpt``: load it first (and continue from its step); ``start_step``: attach_grokfast's."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+
+    from lightning_grokfast import attach_grokfast
+
+    def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
+        fully_shard(model.body)
+        fully_shard(model.head)
+        fully_shard(model)
+        return model
+
+    out = Path(job["out"])
+    fabric = Fabric(accelerator="cpu", devices=job["devices"], strategy=FabricModelParallel(parallelize))
+    fabric.launch()
+    torch.manual_seed(0)
+    model = fabric.setup_module(Net())
+    optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters(), lr=0.01))
+    handle = attach_grokfast(
+        optimizer, job["kind"], model=model, alpha=0.8, lamb=2.0, window_size=3, start_step=job.get("start_step", 0)
+    )
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    if job.get("ckpt"):
+        fabric.load(job["ckpt"], state)
+    x, y = make_data(48).tensors
+    for step in range(state["step"], job["epochs"]):
+        optimizer.zero_grad()
+        batch = slice(8 * (step % 6), 8 * (step % 6 + 1))
+        fabric.backward(nn.functional.cross_entropy(model(x[batch]), y[batch]))
+        optimizer.step()
+        if step + 1 == job.get("save_at"):
+            fabric.save(out / "step.ckpt", {"model": model, "optimizer": optimizer, "step": step + 1})
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    clean = all(not any(k.startswith("grokfast") for k in g) for g in optimizer.param_groups) and all(
+        not any(k.startswith("grokfast") for k in entry) for entry in optimizer.state.values()
+    )
+    report = {
+        "steps": handle.filter.steps,
+        "live_state_clean": clean,
+        "local_numel": {n: p.to_local().numel() for n, p in model.named_parameters()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(report))
+    if fabric.global_rank == 0:
+        torch.save(full, out / "final.pt")
+
+
 if __name__ == "__main__":
     count_gathers()
     try:
         for job in json.loads(Path(sys.argv[1]).read_text()):
-            run_job(job)
+            (run_fabric_job if job.get("layout") == "fabric" else run_job)(job)
     finally:  # an orderly gloo shutdown (once seen: 'terminate called without an active exception' at exit)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -72,6 +72,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         job(root / "two-from-one", "ema", 2, 1, ckpt("one-ema")),
         job(root / "off", "off", 2, 1),
         job(root / "on-from-off", "ema", 2, 2, ckpt("off")),
+        *(job(root / f"fabric-{k}", k, 2, 6, save_at=3, start_step=4, layout="fabric") for k in ("ema", "ma")),
+        *(
+            job(
+                root / f"fabric-{k}-resumed", k, 2, 6, root / f"fabric-{k}" / "step.ckpt", start_step=4, layout="fabric"
+            )
+            for k in ("ema", "ma")
+        ),
     ]
     back = [
         job(root / "one-from-two", "ema+ma", 1, 1, ckpt("straight-ema-ma")),
@@ -166,6 +173,17 @@ def test_tensor_parallel_resume_is_bit_identical_with_state_sharded_on_each_plac
     unsplit = torch.load(runs / "tp-one" / "final.pt", weights_only=True)
     for name, value in unsplit.items():
         torch.testing.assert_close(expected[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_attach_grokfast_under_fabric_fsdp2_resumes_bit_identical_with_its_counters(runs, kind):
+    """6 steps straight vs 3 + Fabric checkpoint + 3, with ``start_step=4`` (so the step counter must survive)."""
+    assert [r["steps"] for r in reports(runs / f"fabric-{kind}-resumed")] == [6, 6]
+    assert all(r["live_state_clean"] for r in reports(runs / f"fabric-{kind}-resumed"))  # no grokfast key leaked
+    expected = torch.load(runs / f"fabric-{kind}" / "final.pt", weights_only=True)
+    resumed = torch.load(runs / f"fabric-{kind}-resumed" / "final.pt", weights_only=True)
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
 
 
 def test_the_sharded_benchmark_runs_and_finds_each_ranks_state_is_its_shards_share(tmp_path):
