@@ -7,6 +7,7 @@ they decide *when* to call :meth:`OptimizerBinding.step`; this module decides *w
 from __future__ import annotations
 
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,8 +16,8 @@ from torch import Tensor
 
 from lightning_grokfast.config import FilterConfig
 from lightning_grokfast.filters import GradientFilter, ParamState, StepInfo
-from lightning_grokfast.optim_state import OptimizerStateLink, unwrap_optimizer
-from lightning_grokfast.sharding import is_dtensor, local
+from lightning_grokfast.optim_state import STATE_PREFIX, OptimizerStateLink, unwrap_optimizer
+from lightning_grokfast.sharding import check_saved_state, is_dtensor, local, saved_state
 
 __all__ = ["OptimizerBinding", "ParamSelection"]
 
@@ -69,6 +70,10 @@ class OptimizerBinding:
         extras: passed to :class:`~lightning_grokfast.optim_state.OptimizerStateLink`.
         placeholders: build zero state for sharded parameters without state in ``state_dict()`` (load templates);
             default: the filter's fresh state for the local shard.
+        resume_source: returns ``(checkpoint path, optimizer key)`` of a distributed checkpoint about to be loaded
+            (or ``None``): its metadata is checked against this filter before a load template is built, so that a
+            different ``filter``/``window_size`` fails with a clear error and parameters the checkpoint has no
+            filter state for start afresh with a warning (instead of failing deep inside the loader).
 
     A binding *claims* its parameters when it first filters them (or when :meth:`claim` is called): a gradient
     claimed by two live bindings would be amplified twice, so that raises.
@@ -85,7 +90,8 @@ class OptimizerBinding:
         prefix: str = "",
         owner: str = "a Grokfast filter",
         extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
-        placeholders: Callable[[Tensor], ParamState] | None = None,
+        placeholders: Callable[[Tensor], ParamState | None] | None = None,
+        resume_source: Callable[[], tuple[Any, str] | None] | None = None,
     ) -> None:
         self.optimizer = unwrap_optimizer(optimizer)
         self.filter = GradientFilter(config=config)
@@ -98,11 +104,14 @@ class OptimizerBinding:
         self.names: tuple[str, ...] = ()
         self._claimed = False
         self.sharded = False
+        self._resume_source = resume_source
+        self._checked: dict[tuple[str, str], set[str] | None] = {}
+        self._name_by_id: dict[int, str] = {}
         self.link = OptimizerStateLink(
             self.optimizer,
             self.filter,
             extras=extras,
-            placeholders=placeholders or (lambda param: self.filter.empty_state(local(param))),
+            placeholders=placeholders or self._placeholder,
             before_access=self.refresh,
         )
         self.refresh()
@@ -143,6 +152,7 @@ class OptimizerBinding:
                 " ⊥Grad under FSDP2/tensor parallelism is not supported."
             )
         self._layout, self.params, self.names = layout, params, tuple(param_names)
+        self._name_by_id = {id(p): n for p, n in zip(params, param_names)}
         self.filter.set_lamb_scales(self.selection.scales(param_names))
         self.link.track(self.names, self.params)
         return True
@@ -204,6 +214,37 @@ class OptimizerBinding:
             found_inf=found_inf,
             compute_norms=compute_norms,
         )
+
+    def _placeholder(self, param: Tensor) -> ParamState | None:
+        """Zero state for a sharded parameter's load template; ``None`` where the checkpoint being loaded has none."""
+        if not self.filter.states and self._resume_source is not None:  # no state yet: this may be a load template
+            allowed = self._names_with_saved_state()
+            if allowed is not None and self._name_by_id.get(id(param)) not in allowed:
+                return None
+        return self.filter.empty_state(local(param))
+
+    def _names_with_saved_state(self) -> set[str] | None:
+        """The sharded parameters whose filter state the checkpoint about to be loaded holds (None: no such load)."""
+        source = self._resume_source() if self._resume_source is not None else None
+        if source is None or source[0] is None:
+            return None
+        key = (str(source[0]), source[1])
+        if key not in self._checked:
+            saved = saved_state(source[0], source[1], STATE_PREFIX)
+            if saved is None:
+                self._checked[key] = None
+            else:
+                names = [n for n, p in zip(self.names, self.params) if is_dtensor(p)]
+                fresh = check_saved_state(saved, names, self.filter.config, source[0])
+                if fresh:
+                    warnings.warn(
+                        f"The checkpoint {key[0]!r} holds no Grokfast state for {fresh[:5]}"
+                        f"{' and others' if len(fresh) > 5 else ''} (saved without Grokfast or before it was"
+                        " checkpointed under sharding): their filters start afresh.",
+                        stacklevel=2,
+                    )
+                self._checked[key] = set(names) - set(fresh)
+        return self._checked[key]
 
     def local_found_inf(self) -> Tensor:
         """1.0 when some gradient of this rank (its shard, if sharded) is not finite, else 0.0 (0-dim tensor)."""

@@ -288,6 +288,8 @@ class GrokfastCallback(TunableSettings, Callback):
                 selection=self.selection,
                 prefix=f"optimizer{index}.",
                 owner=f"GrokfastCallback(state_key={self.state_key!r})",
+                # sharded checkpoints: the path Lightning loads (set when the strategy loads it, after on_fit_start)
+                resume_source=lambda: (trainer.ckpt_path, f"optimizer_{index}"),
             )
             if self.enabled:
                 binding.claim()  # overlapping callbacks fail at the start of fit, not at their first step

@@ -17,6 +17,7 @@ from lightning_grokfast.amp import scaler_found_inf
 from lightning_grokfast.binding import OptimizerBinding, ParamSelection
 from lightning_grokfast.config import FilterConfig, TunableSettings
 from lightning_grokfast.filters import GradientFilter, StepInfo
+from lightning_grokfast.sharding import is_state_init_step
 from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int
 
 __all__ = ["GrokfastHandle", "attach_grokfast"]
@@ -81,7 +82,7 @@ class GrokfastHandle(TunableSettings):
 
     # ------------------------------------------------------------------ the hook
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.enabled:
+        if not self.enabled or is_state_init_step(self.optimizer):
             return
         self.last_info = self._binding.step(
             amplify=self.filter.steps >= self.start_step,

@@ -64,7 +64,8 @@ class OptimizerStateLink:
             key ``"grokfast"`` of the state dict (``attach_grokfast`` keeps its counters there; the Lightning
             callback keeps them in its own callback state instead).
         placeholders: build a zero record for a sharded (DTensor) parameter that has no state yet, so that a load
-            template (``torch.distributed.checkpoint``'s) has the right entries to fill. ``None``: no placeholders.
+            template (``torch.distributed.checkpoint``'s) has the right entries to fill; it may return ``None`` to leave
+            a parameter out (the checkpoint being loaded has no state for it). ``None``: no placeholders.
         before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
             another callback re-added parameter groups just before a checkpoint is loaded).
 
@@ -76,7 +77,7 @@ class OptimizerStateLink:
         filter: GradientFilter,
         *,
         extras: tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]] | None = None,
-        placeholders: Callable[[Tensor], ParamState] | None = None,
+        placeholders: Callable[[Tensor], ParamState | None] | None = None,
         before_access: Callable[[], Any] | None = None,
     ) -> None:
         self.optimizer = unwrap_optimizer(optimizer)
@@ -124,7 +125,11 @@ class OptimizerStateLink:
             entry.update({STATE_PREFIX + key: value for key, value in record.to_dict().items()})
             state_dict["state"][index] = entry
         if self._extras is not None:
-            state_dict["grokfast"] = self._extras[0]()
+            extras = self._extras[0]()
+            state_dict["grokfast"] = extras
+            if state_dict["param_groups"] and any(is_dtensor(p) for p in self._params.values()):
+                # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups"
+                state_dict["param_groups"][0] = {**state_dict["param_groups"][0], "grokfast": extras}
         return state_dict
 
     def _on_load_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -150,11 +155,15 @@ class OptimizerStateLink:
         for name, record in loaded.items():
             self.filter.set_state(name, record)
         self.loaded_names = set(loaded)
-        extras = state_dict.get("grokfast")
+        groups = state_dict.get("param_groups", [])
+        in_groups = [g["grokfast"] for g in groups if "grokfast" in g]  # sharded: see _on_state_dict
+        extras = state_dict.get("grokfast", in_groups[0] if in_groups else None)
         if self._extras is not None and extras is not None:
             self._extras[1](extras)
         out = {k: v for k, v in state_dict.items() if k != "grokfast"}
         out["state"] = state
+        if in_groups:  # never into the optimizer's live param_groups
+            out["param_groups"] = [{k: v for k, v in g.items() if k != "grokfast"} for g in groups]
         return out
 
 

@@ -10,14 +10,17 @@ checkpoint sees DTensors: :func:`to_global` wraps a record's local tensors into 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_grokfast.config import FilterConfig
 from lightning_grokfast.state import ParamState
 
-__all__ = ["is_dtensor", "local", "to_global", "to_local"]
+__all__ = ["check_saved_state", "is_dtensor", "is_state_init_step", "local", "saved_state", "to_global", "to_local"]
 
 
 def _dtensor_type() -> Any:
@@ -81,3 +84,81 @@ def to_local(record: ParamState) -> ParamState:
         ma_history=None if record.ma_history is None else local(record.ma_history),
         ma_sum=None if record.ma_sum is None else local(record.ma_sum),
     )
+
+
+def is_state_init_step(optimizer: Any) -> bool:
+    """Whether an ``optimizer.step()`` about to run is torch's state-initialising step, not a training step.
+
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (used by Fabric's and Lightning's
+    FSDP2/ModelParallel checkpoints) runs ``_init_optim_state`` on an optimizer without state: every gradient set to
+    zeros, every ``lr`` set to 0, one ``step()``. Filtering it would start the EMA at zero and advance the MA window.
+    A genuine step looks the same only if its state is empty, its ``lr`` is 0 *and* all its gradients are zero.
+    """
+    if optimizer.state:
+        return False
+    groups = optimizer.param_groups
+    if any(float(g.get("lr", 0.0)) != 0.0 for g in groups):
+        return False
+    grads = [p.grad for g in groups for p in g["params"]]
+    return all(g is not None for g in grads) and not any(bool(local(g).any()) for g in grads)
+
+
+def saved_state(path: Any, optimizer_key: str, prefix: str) -> dict[str, dict[str, tuple[int, ...] | None]] | None:
+    """What a ``torch.distributed.checkpoint`` directory holds under ``{optimizer_key}.state.{param}.{prefix}*``.
+
+    Reads only the checkpoint's metadata (no tensor data).
+
+    Returns:
+        ``{param name: {key without prefix: global size (None for non-tensors)}}``, or ``None`` when ``path`` is not
+        a distributed checkpoint directory.
+
+    """
+    if path is None or not Path(path).is_dir():
+        return None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception:  # not a DCP directory (or unreadable): let the loader report it
+        return None
+    start = f"{optimizer_key}.state."
+    found: dict[str, dict[str, tuple[int, ...] | None]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not key.startswith(start):
+            continue
+        name, _, field = key[len(start) :].rpartition(".")
+        if field.startswith(prefix):
+            size = getattr(meta, "size", None)
+            found.setdefault(name, {})[field[len(prefix) :]] = None if size is None else tuple(size)
+    return found
+
+
+def check_saved_state(
+    saved: Mapping[str, Mapping[str, tuple[int, ...] | None]], names: Sequence[str], config: FilterConfig, path: Any
+) -> list[str]:
+    """Check a checkpoint's filter state (from :func:`saved_state`) against the filter about to load it.
+
+    Returns:
+        The ``names`` the checkpoint has no filter state for (saved without Grokfast, or excluded then).
+
+    Raises:
+        ValueError: If the checkpoint's state was made by another kind of filter or another ``window_size``.
+
+    """
+    for name in names:
+        entry = saved.get(name)
+        if not entry:
+            continue
+        kinds = "+".join(k for k, field in (("ema", "ema"), ("ma", "ma_sum")) if field in entry) or "none"
+        if ("ema" in entry) != config.uses_ema or ("ma_sum" in entry) != config.uses_ma:
+            raise ValueError(
+                f"The checkpoint {str(path)!r} holds Grokfast state for {name!r} made by filter={kinds!r}; this filter"
+                f" is {config.filter!r}. Resume with the same `filter`, or start a new run from the model weights."
+            )
+        window = entry.get("ma_history")
+        if config.uses_ma and window is not None and window[0] != config.window_size:
+            raise ValueError(
+                f"The checkpoint {str(path)!r} holds Grokfast state for {name!r} with window_size={window[0]}; this"
+                f" filter has window_size={config.window_size}. Resume with the same `window_size`."
+            )
+    return [name for name in names if not saved.get(name)]

@@ -112,3 +112,34 @@ def test_ddp_resume_from_an_epoch_checkpoint_is_bit_identical(tmp_path: Path, ki
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+class CheckLegacyState(Callback):
+    """Inside each DDP worker, after the restore: the filter holds the 0.1 checkpoint's per-parameter state."""
+
+    def __init__(self, out_dir: Path, legacy: dict, kind: str) -> None:
+        self.out_dir, self.legacy, self.kind = out_dir, legacy, kind
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # no step runs: no train end
+        grokfast = next(c for c in trainer.callbacks if isinstance(c, GrokfastCallback))
+        states = grokfast.filters[0].states
+        assert grokfast.filters[0].steps == 6
+        field = "ema" if self.kind == "ema" else "ma_history"
+        for name, entry in self.legacy["filters"]["0"]["params"].items():
+            assert torch.equal(getattr(states[name], field), entry[field]), name
+        (self.out_dir / f"rank{trainer.global_rank}.ok").write_text("checked")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_a_checkpoint_of_version_0_1_resumes_its_filter_state_on_every_ddp_rank(tmp_path: Path, kind: str):
+    """tests/data/grokfast-0.1-*.ckpt (one epoch, single process, filter state in the callback state) under DDP."""
+    path = Path(__file__).parent / "data" / f"grokfast-0.1-{kind}.ckpt"
+    saved = torch.load(path, weights_only=True)
+    (legacy,) = [v for k, v in saved["callbacks"].items() if k.startswith("GrokfastCallback")]
+    grokfast = GrokfastCallback(filter=kind, alpha=0.8, lamb=2.0, window_size=4)
+    run = trainer(
+        strategy="ddp_fork", devices=2, max_epochs=1, callbacks=[grokfast, CheckLegacyState(tmp_path, legacy, kind)]
+    )
+    run.fit(TinyModel(optimizer="adam", lr=0.01), ckpt_path=path)
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]
