@@ -21,8 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_grokfast.detector import GrokkingDetectorCallback
 from lightning_grokfast.lightning_utils import is_logging_step
+from lightning_grokfast.tracking import TrainMetricTracker
 from lightning_grokfast.validation import check_bool, require
 
 DEFAULT_MARKS: tuple[float, ...] = (0.5, 0.9, 0.95)
@@ -189,24 +192,10 @@ def total_weight_norm(module: torch.nn.Module) -> Tensor:
     return torch.stack(squares).sum().sqrt()
 
 
-def _find_detector(trainer: pl.Trainer) -> Callback | None:
-    """The grokking detector among the callbacks, found by what it offers (``transitions``, ``mark_steps``)."""
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if hasattr(callback, "transitions") and hasattr(callback, "mark_steps"):
-            return callback
-    return None
-
-
-def _transition_steps(detector: Callback) -> list[tuple[int, str]]:
-    """``(global step, phase)`` of each of the detector's transition records, whatever their exact type."""
-    found = []
-    for record in getattr(detector, "transitions", None) or []:
-        get = record.get if isinstance(record, dict) else lambda key, rec=record: getattr(rec, key, None)
-        step = next((get(k) for k in ("global_step", "step") if get(k) is not None), None)
-        phase = next((get(k) for k in ("phase", "to_phase", "new_phase", "name") if get(k) is not None), None)
-        if step is not None:
-            found.append((int(step), str(getattr(phase, "value", phase) or "transition")))
-    return found
+def _find_detector(trainer: pl.Trainer) -> GrokkingDetectorCallback | None:
+    """The grokking detector among the Trainer's callbacks, or ``None``."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    return next((c for c in callbacks if isinstance(c, GrokkingDetectorCallback)), None)
 
 
 class GrokkingDashboardCallback(Callback):
@@ -280,7 +269,10 @@ class GrokkingDashboardCallback(Callback):
         self.val_steps: list[int] = []
         self.val_values: list[float] = []
         self.figure_path: str | None = None
-        self._pending_train: list[tuple[int, Tensor]] = []
+        # replaced by the detector's tracker when there is one: one host transfer per validation for both
+        self._tracker = TrainMetricTracker()
+        self._records = True
+        self._last_flushed: list[tuple[int, float]] | None = None
         self._registered: set[int] = set()
         self._announced: set[float] = set()
 
@@ -296,11 +288,17 @@ class GrokkingDashboardCallback(Callback):
         return first_steps_reaching(self.val_steps, self.val_values, self.marks)
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(train_metric=self.train_metric, val_metric=self.val_metric)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        detector = _find_detector(trainer)
+        self._tracker = detector.tracker if detector is not None else TrainMetricTracker()
+        self._tracker.watch(self.train_metric)
+        self._records = detector is None  # with a detector, the detector records after each batch
         if not trainer.is_global_zero:
             return
         for logger in _tensorboard_loggers(trainer):
@@ -308,23 +306,22 @@ class GrokkingDashboardCallback(Callback):
                 logger.experiment.add_custom_scalars(self.layout)
                 self._registered.add(id(logger))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        metrics = trainer.callback_metrics
-        value = metrics.get(f"{self.train_metric}_step", metrics.get(self.train_metric))
-        if isinstance(value, (Tensor, float, int)):
-            value = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
-            self._pending_train.append((trainer.global_step, value))
+        if self._records:
+            self._tracker.record(trainer.global_step, trainer.callback_metrics)
         if self.log_weight_norm and is_logging_step(trainer):
             pl_module.log(
                 "grokking/weight_norm", total_weight_norm(pl_module), on_step=True, on_epoch=False, batch_size=1
             )
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        new_train = self._flush_train()
+        new_train = self._flush_train(trainer.global_step)
         value = trainer.callback_metrics.get(self.val_metric)
         if value is None:
             return
@@ -344,27 +341,28 @@ class GrokkingDashboardCallback(Callback):
                             "grokking/milestones", f"{self.val_metric} reached {mark:g} at step {step}", step
                         )
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tensorboard = _tensorboard_loggers(trainer)
         # `trainer.log_dir` is a collective call: every rank makes it
         self._finish(trainer, tensorboard[0].log_dir if tensorboard else trainer.log_dir)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # an interrupted run (Ctrl-C) still gets its figure; no collective call here, the other ranks may be gone
         if isinstance(exception, KeyboardInterrupt):
             self._finish(trainer, _local_log_dir(trainer))
 
     # ------------------------------------------------------------------ internals
-    def _flush_train(self) -> list[float]:
-        """Move the recorded training accuracies (kept as tensors: no device sync per step) into the history."""
-        if not self._pending_train:
-            return []
-        steps = [s for s, _ in self._pending_train]
-        values = torch.stack([v.float().reshape(()).cpu() for _, v in self._pending_train]).tolist()
-        self._pending_train.clear()
-        self.train_steps.extend(steps)
-        self.train_values.extend(values)
-        return values
+    def _flush_train(self, step: int = -1) -> list[float]:
+        """Move the train values recorded since the last validation into the history (one host transfer per
+        validation, shared with the detector)."""
+        flushed = self._tracker.flush(step).get(self.train_metric, [])
+        if flushed is not self._last_flushed:
+            self._last_flushed = flushed
+            self.train_steps.extend(s for s, _ in flushed)
+            self.train_values.extend(v for _, v in flushed)
+        return [v for _, v in flushed]
 
     def _finish(self, trainer: pl.Trainer, directory: str | None) -> None:
         self._flush_train()
@@ -375,8 +373,8 @@ class GrokkingDashboardCallback(Callback):
         mark_steps = self.mark_steps
         transitions: list[tuple[int, str]] = []
         if detector is not None:
-            transitions = _transition_steps(detector)
-            mark_steps.update({float(m): s for m, s in (getattr(detector, "mark_steps", None) or {}).items()})
+            transitions = [(t.step, t.phase) for t in detector.transitions]
+            mark_steps.update({float(m): s for m, s in detector.mark_steps.items()})
         step = trainer.global_step
         summary = ", ".join(f"{m:g}: {s if s is not None else 'not reached'}" for m, s in mark_steps.items())
         for logger in tensorboard:
@@ -403,6 +401,7 @@ class GrokkingDashboardCallback(Callback):
         )
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         self._flush_train()
         return {
@@ -413,6 +412,7 @@ class GrokkingDashboardCallback(Callback):
             "val_values": list(self.val_values),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"Unknown GrokkingDashboardCallback state format {state_dict.get('format')!r}.")

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
-from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback
+from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback, GrokkingDetectorCallback
 from lightning_grokfast.dashboard import first_steps_reaching, plot_grokking
 from lightning_grokfast.tasks import GrokTransformer, ModularArithmeticDataModule
 
@@ -74,14 +74,6 @@ def fit(tmp_path: Path, callbacks: list[Callback], logger: object = True, max_st
     )
     trainer.fit(model, datamodule=datamodule)
     return trainer, model
-
-
-class StandInDetector(Callback):
-    """What the dashboard reads from a grokking detector: ``transitions`` and ``mark_steps``."""
-
-    def __init__(self) -> None:
-        self.transitions = [{"phase": "memorizing", "step": 4}, {"phase": "grokking", "step": 6}]
-        self.mark_steps = {0.5: 6, 0.9: 7}
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +154,19 @@ def test_history_counts_optimizer_steps(tensorboard_run: TensorBoardRun) -> None
     assert all(0.0 <= v <= 1.0 for v in dashboard.train_values + dashboard.val_values)
 
 
-def test_detector_transitions_and_marks_are_taken_from_the_detector(tmp_path: Path) -> None:
-    trainer, _ = fit(tmp_path, [StandInDetector(), GrokkingDashboardCallback()])
+def test_detector_transitions_and_marks_are_taken_from_the_real_detector(tmp_path: Path) -> None:
+    detector = GrokkingDetectorCallback(
+        marks=[0.0, 0.99], memorization_threshold=0.0, convergence_gap=0.0, stop_on_convergence=False
+    )
+    dashboard = GrokkingDashboardCallback()
+    trainer, _ = fit(tmp_path, [detector, dashboard])
+    assert dashboard._tracker is detector.tracker  # one tracker, one host transfer per validation
+    assert dashboard.train_steps == list(range(1, 9))  # recorded by the detector, read by both
     events = read_events(trainer.logger.log_dir)
     (summary,) = read_texts(events, "grokking/summary")
-    assert "0.5: 6" in summary and "0.9: 7" in summary
-    assert "memorizing @ 4" in summary and "grokking @ 6" in summary
+    assert detector.mark_steps == {0.0: 4} and "0: 4" in summary
+    for transition in detector.transitions:
+        assert f"{transition.phase} @ {transition.step}" in summary
     # the detector announces marks itself, so the dashboard writes no milestone text
     assert "grokking/milestones/text_summary" not in events.Tags()["tensors"]
 

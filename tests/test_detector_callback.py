@@ -369,11 +369,11 @@ def test_resumed_run_makes_the_same_decisions_as_an_uninterrupted_one(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lambda_boost": -1.0}, "`lambda_boost` must be >= 0"),
+        ({"lambda_boost": -1.0}, "`lambda_boost` must be a finite number >= 0"),
         ({"lambda_boost": float("inf")}, "`lambda_boost` must be a finite number"),
-        ({"max_lamb": -0.5}, "`max_lamb` must be >= 0"),
-        ({"kappa": -0.1}, "`kappa` must be >= 0"),
-        ({"jump_threshold": -0.1}, "`jump_threshold` must be > 0"),
+        ({"max_lamb": -0.5}, "`max_lamb` must be a finite number >= 0"),
+        ({"kappa": -0.1}, "`kappa` must be a finite number >= 0"),
+        ({"jump_threshold": -0.1}, "`jump_threshold` must be a finite number > 0"),
         ({"patience": 0}, "`patience` must be an integer >= 1"),
         ({"val_metric": ""}, "`val_metric` must be a non-empty metric name"),
         ({"grokking_signal": 0.5}, "`grokking_signal` must be a callable"),

@@ -260,12 +260,12 @@ def test_step_going_back_raises():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"jump_threshold": 0.0}, "`jump_threshold` must be > 0"),
+        ({"jump_threshold": 0.0}, "`jump_threshold` must be a finite number > 0"),
         ({"jump_threshold": float("nan")}, "`jump_threshold` must be a finite number"),
         ({"jump_window": 0}, "`jump_window` must be an integer >= 1"),
         ({"jump_window": 2.5}, "`jump_window` must be an integer >= 1"),
         ({"jump_window_unit": "epochs"}, "`jump_window_unit` must be one of"),
-        ({"convergence_gap": -0.1}, "`convergence_gap` must be >= 0"),
+        ({"convergence_gap": -0.1}, "`convergence_gap` must be a finite number >= 0"),
         ({"patience": 0}, "`patience` must be an integer >= 1"),
         ({"memorization_threshold": "high"}, "`memorization_threshold` must be a finite number"),
         ({"marks": (0.5, float("inf"))}, r"`marks\[1\]` must be a finite number"),
