@@ -37,6 +37,56 @@ def _parameters_with_grad(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
 
 
+# ---------------------------------------------------------------------- the algorithm, one tensor at a time
+def ema_step(state: EmaState, name: str, grad: Tensor, alpha: float, lamb: float) -> Tensor:
+    """One EMA update of ``name`` (the average starts at its first gradient); returns ``grad + lamb * ema``."""
+    grad = grad.detach()
+    if name not in state:
+        state[name] = grad.clone()
+    else:
+        state[name] = state[name] * alpha + grad * (1.0 - alpha)
+    return grad + state[name] * lamb
+
+
+def ma_step(
+    window: deque[Tensor], grad: Tensor, lamb: float, filter_type: str, warmup: bool, trigger: bool = False
+) -> Tensor:
+    """Append ``grad`` to its window, re-sum the whole window (O(window), as published); return the filtered
+    gradient (``grad`` itself while warming up, or with ``trigger`` under ``warmup``)."""
+    window.append(grad.detach())
+    if warmup and (len(window) < (window.maxlen or 0) or trigger):
+        return grad
+    total = sum(window)  # O(window) additions, every step, as published
+    slow = total / len(window) if filter_type == "mean" else total
+    return grad + slow * lamb
+
+
+class ReferenceEMA:
+    """The EMA filter as a function of a dict of gradients (for the tests): ``{name: grad} -> {name: filtered}``."""
+
+    def __init__(self, alpha: float, lamb: float) -> None:
+        self.alpha, self.lamb = alpha, lamb
+        self.slow: EmaState = {}
+
+    def __call__(self, named_grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: ema_step(self.slow, n, g, self.alpha, self.lamb) for n, g in named_grads.items()}
+
+
+class ReferenceMA:
+    """The moving-average filter as a function of a dict of gradients (for the tests)."""
+
+    def __init__(self, window_size: int, lamb: float, warmup: bool = True, filter_type: str = "mean") -> None:
+        self.window_size, self.lamb, self.warmup, self.filter_type = window_size, lamb, warmup, filter_type
+        self.history: MaState = {}
+
+    def __call__(self, named_grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name, grad in named_grads.items():
+            window = self.history.setdefault(name, deque(maxlen=self.window_size))
+            out[name] = ma_step(window, grad, self.lamb, self.filter_type, self.warmup)
+        return out
+
+
 @torch.no_grad()
 def gradfilter_ema_reference(
     model: nn.Module, state: EmaState | None = None, alpha: float = 0.98, lamb: float = 2.0
@@ -55,13 +105,9 @@ def gradfilter_ema_reference(
         The updated state: parameter name -> slow gradient.
 
     """
-    named = _parameters_with_grad(model)
-    if state is None:
-        state = {name: p.grad.detach() for name, p in named}
-    for name, p in named:
-        grad = p.grad.detach()
-        state[name] = state[name] * alpha + grad * (1.0 - alpha)
-        p.grad = grad + state[name] * lamb
+    state = {} if state is None else state
+    for name, p in _parameters_with_grad(model):
+        p.grad = ema_step(state, name, p.grad, alpha, lamb)
     return state
 
 
@@ -73,6 +119,7 @@ def gradfilter_ma_reference(
     lamb: float = 5.0,
     filter_type: str = "mean",
     warmup: bool = True,
+    trigger: bool = False,
 ) -> MaState:
     """Windowed moving-average filter: keep the last ``window_size`` gradients, re-sum them at every step.
 
@@ -83,6 +130,7 @@ def gradfilter_ma_reference(
         lamb: amplification of the slow component.
         filter_type: ``"mean"`` (divide the window's sum by its length) or ``"sum"``.
         warmup: add nothing until the window is full.
+        trigger: with ``warmup``, only record the window, add nothing (as the published function).
 
     Returns:
         The updated state: parameter name -> deque of the raw gradients in the window (the gradient tensors
@@ -94,17 +142,10 @@ def gradfilter_ma_reference(
     """
     if filter_type not in ("mean", "sum"):
         raise ValueError(f"`filter_type` must be 'mean' or 'sum', got {filter_type!r}.")
-    named = _parameters_with_grad(model)
-    if state is None:
-        state = {name: deque(maxlen=window_size) for name, _ in named}
-    for name, p in named:
-        window = state[name]
-        window.append(p.grad.detach())
-        if warmup and len(window) < window_size:
-            continue
-        total = sum(window)  # O(window) additions, every step, as published
-        slow = total / len(window) if filter_type == "mean" else total
-        p.grad = p.grad.detach() + slow * lamb
+    state = {} if state is None else state
+    for name, p in _parameters_with_grad(model):
+        window = state.setdefault(name, deque(maxlen=window_size))
+        p.grad = ma_step(window, p.grad, lamb, filter_type, warmup, trigger)
     return state
 
 

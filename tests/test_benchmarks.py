@@ -113,3 +113,11 @@ def test_overhead_script_runs_in_smoke_mode(tmp_path: Path) -> None:
     assert "ours/ema" in report["results"]["trainer"]["variants"]
     assert "| target | measured | met |" in result.stdout
     assert (tmp_path / "overhead_smoke.md").exists()
+
+
+def test_dropin_script_runs_in_smoke_mode(tmp_path: Path) -> None:
+    result = _run_script("dropin", tmp_path)
+    report = json.loads((tmp_path / "dropin_smoke.json").read_text())
+    assert [row["filter"] for row in report["rows"]] == ["EMA", "MA, window 4"]
+    assert all(row["ours_s"] > 0 and row["published_s"] > 0 for row in report["rows"])
+    assert "| model | filter |" in result.stdout

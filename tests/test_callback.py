@@ -15,9 +15,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from benchmarks.reference import ReferenceEMA, ReferenceMA
 from lightning_grokfast import GrokfastCallback
 from tests.helpers import GradRecorder, StepGradRecorder, TinyModel, reference_run, trainer
-from tests.reference import ReferenceEMA, ReferenceMA
 
 FILTERS = {
     "ema": (dict(filter="ema", alpha=0.8, lamb=2.0), lambda: ReferenceEMA(0.8, 2.0)),

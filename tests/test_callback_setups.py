@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from benchmarks.reference import ReferenceEMA
 from lightning_grokfast import GrokfastCallback
 from tests.helpers import TinyModel, make_data, trainer
-from tests.reference import ReferenceEMA
 
 DATA = Path(__file__).parent / "data"
 

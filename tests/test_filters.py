@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.reference import ReferenceEMA, ReferenceMA
 from lightning_grokfast.filters import GradientFilter
-from tests.reference import ReferenceEMA, ReferenceMA
 
 SHAPES = {"layer.weight": (6, 5), "layer.bias": (6,), "head.weight": (3, 6)}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.reference import ReferenceEMA, ReferenceMA
 from lightning_grokfast.functional import FilterState, gradfilter_ema, gradfilter_ma
-from tests.reference import ReferenceEMA, ReferenceMA
 
 
 def make_model() -> nn.Module:

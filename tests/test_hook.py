@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.reference import ReferenceEMA, ReferenceMA
 from lightning_grokfast import attach_grokfast
-from tests.reference import ReferenceEMA, ReferenceMA
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
