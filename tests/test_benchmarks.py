@@ -111,7 +111,8 @@ def test_overhead_script_runs_in_smoke_mode(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "overhead_smoke.json").read_text())
     assert set(report["results"]) == {"trainer", "loop", "large", "window"}
     assert "ours/ema" in report["results"]["trainer"]["variants"]
-    assert "| target | measured | met |" in result.stdout
+    assert "| target |" not in result.stdout  # the script measures; the targets are in the README
+    assert "Training step of the paper's model through `Trainer.fit`" in result.stdout
     assert (tmp_path / "overhead_smoke.md").exists()
 
 

@@ -1,0 +1,159 @@
+"""The markdown tables of the overhead benchmark (measurements only; the targets are in the README)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from overhead_common import (
+    Settings,
+    filter_specs,
+    fmt_bytes,
+    fmt_ms,
+)
+
+# ---------------------------------------------------------------------------------------------------- report
+# The paper's latency per step (official code, GTX 1080 Ti, modular multiplication): no filter 0.15 s.
+PAPER_STEP_RATIO = {"ema": 0.15 / 0.15, "ma": 0.37 / 0.15}
+
+
+def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
+    """One table with the paper, the published algorithm, ours and the anchors side by side."""
+    small, large = settings.windows
+    trainer = results.get("trainer", {})
+    variants, anchors = trainer.get("variants", {}), trainer.get("anchors") or {}
+    big = results.get("large", {})
+    filters, rows = big.get("filters", {}), big.get("optimizer", {}).get("rows", {})
+
+    def step(key: str) -> str:
+        return ratio_spread(variants.get(key)) if key in variants else "n/a"
+
+    def copy(name: str) -> str:
+        return copy_spread(filters[name]) if name in filters else "n/a"
+
+    def opt(name: str, which: str = "to_adamw") -> str:
+        return ratio_spread(rows[name][which]) if name in rows and which in rows[name] else "n/a"
+
+    def state(key: str) -> str:
+        return fmt_bytes(variants[key].get("state_bytes_per_param")) if key in variants else "n/a"
+
+    size = f"{big['params'] / 1e6:.0f}M" if big else "n/a"
+    ema_ours = copy("ours EMA (check)") + " check; " + copy("ours EMA (found_inf)") + " found_inf"
+    opt_ours = opt("ours EMA (check) + AdamW") + " check; " + opt("ours EMA (found_inf) + AdamW") + " found_inf"
+    gfa_opt = opt("GrokFastAdamW on") + "; its own on / off " + opt("GrokFastAdamW on", "to_own_off")
+    return [
+        "**Side by side** (ratios; median and min-max over rounds)",
+        "",
+        "| figure | paper (official code, GPU) | published algorithm | lightning-grokfast | GrokFastAdamW"
+        " | GrokAdamW |",
+        "|---|---|---|---|---|---|",
+        f"| EMA: training step / no filter (Trainer) | {PAPER_STEP_RATIO['ema']:.2f}x (0.15 s -> 0.15 s)"
+        f" | {step('reference/ema')} | {step('ours/ema')} | {ratio_spread(anchors.get('GrokFastAdamW on / off'))}"
+        f" (grokfast on / off) | {ratio_spread(anchors.get('GrokAdamW / torch AdamW'))} (/ torch AdamW) |",
+        f"| MA w{small}: training step / no filter (Trainer) | {PAPER_STEP_RATIO['ma']:.2f}x (0.15 s -> 0.37 s)"
+        f" | {step(f'reference/ma{small}')} | {step(f'ours/ma{small}')} | no MA | no MA |",
+        f"| MA w{large}: training step / no filter (Trainer) | | {step(f'reference/ma{large}')}"
+        f" | {step(f'ours/ma{large}')} | no MA | no MA |",
+        f"| EMA filter alone / `foreach_copy_`, {size} params | | {copy('reference EMA')} | {ema_ours}"
+        " | inside its step | inside its step |",
+        f"| optimizer step with EMA / torch AdamW, {size} params | | {opt('reference EMA + AdamW')} (+ AdamW)"
+        f" | {opt_ours} (+ AdamW) | {gfa_opt} | {opt('GrokAdamW')} |",
+        f"| state bytes per parameter, EMA / MA w{small} / MA w{large} | | {state('reference/ema')} /"
+        f" {state(f'reference/ma{small}')} / {state(f'reference/ma{large}')} | {state('ours/ema')} /"
+        f" {state(f'ours/ma{small}')} / {state(f'ours/ma{large}')}"
+        f" | {fmt_bytes(rows.get('GrokFastAdamW on', {}).get('state_bytes_per_param_beyond_adamw'))}"
+        f" | {fmt_bytes(rows.get('GrokAdamW', {}).get('state_bytes_per_param_beyond_adamw'))} |",
+        "",
+    ]
+
+
+def markdown(results: dict[str, Any], settings: Settings) -> str:
+    """The README tables."""
+    specs = filter_specs(settings.windows)
+    lines: list[str] = headline_table(results, settings) if "trainer" in results or "large" in results else []
+    for section, title in (
+        ("trainer", "Training step of the paper's model through `Trainer.fit` (step with filter / step without)"),
+        ("loop", "Training step of the paper's model in a plain PyTorch loop (step with filter / step without)"),
+    ):
+        if section not in results:
+            continue
+        variants = results[section]["variants"]
+        base = statistics.median(v["baseline_step_s"] for v in variants.values())
+        lines += [
+            f"**{title}**, no-filter step {fmt_ms(base)} (median of blocks; spread = min-max over rounds)",
+            "",
+            "| filter | ours | published algorithm | state bytes/param: ours | published |",
+            "|---|---|---|---|---|",
+        ]
+        for spec in specs:
+            ours, ref = variants.get(f"ours/{spec.key}"), variants.get(f"reference/{spec.key}")
+            lines.append(
+                f"| {spec.label} | {ratio_spread(ours)} | {ratio_spread(ref) if ref else 'n/a'} "
+                f"| {fmt_bytes(ours.get('state_bytes_per_param') if ours else None)} "
+                f"| {fmt_bytes(ref.get('state_bytes_per_param') if ref else None)} |"
+            )
+        if section == "loop":
+            lines += [
+                "",
+                "Filter call alone, timed inside the loop, as a share of the no-filter step: "
+                + ", ".join(
+                    f"{key} {100 * row['filter_share']:.2f} %"
+                    for key, row in variants.items()
+                    if not math.isnan(row.get("filter_share", math.nan))
+                ),
+            ]
+        anchors = results[section].get("anchors") or {}
+        for name, row in anchors.items():
+            lines.append(f"| anchor: {name} | {ratio_spread(row)} | | | |")
+        lines.append("")
+    if "large" in results:
+        large = results["large"]
+        lines += [
+            f"**Filter alone on {large['params'] / 1e6:.1f}M parameters / one `torch._foreach_copy_` of the same"
+            f" gradients** (copy {fmt_ms(large['copy_s'])})",
+            "",
+            "| variant | filter / copy (median, min-max) |",
+            "|---|---|",
+        ]
+        for name, row in large["filters"].items():
+            lines.append(f"| {name} | {copy_spread(row)} |")
+        lines += [
+            "",
+            f"**Optimizer step on {large['params'] / 1e6:.1f}M parameters / plain `torch.optim.AdamW` step**"
+            f" (AdamW {fmt_ms(large['optimizer']['AdamW_s'])}, its state"
+            f" {fmt_bytes(large['optimizer']['AdamW_state_bytes_per_param'])} bytes/param) and state beyond AdamW's",
+            "",
+            "| optimizer step | / AdamW (median, min-max over rounds) | state bytes/param beyond AdamW |",
+            "|---|---|---|",
+        ]
+        for name, row in large["optimizer"]["rows"].items():
+            extra = f"; on / off: {ratio_spread(row['to_own_off'])}" if "to_own_off" in row else ""
+            lines.append(
+                f"| {name} | {ratio_spread(row['to_adamw'])}{extra}"
+                f" | {fmt_bytes(row['state_bytes_per_param_beyond_adamw'])} |"
+            )
+        lines.append("")
+    if "window" in results:
+        window = results["window"]
+        lines += [
+            f"**Every filter alone on {window['params'] / 1e6:.2f}M parameters / one `torch._foreach_copy_`**"
+            " (the largest window must fit in memory)",
+            "",
+            "| variant | filter / copy (median, min-max) | state bytes/param |",
+            "|---|---|---|",
+        ]
+        for name, row in window["filters"].items():
+            lines.append(f"| {name} | {copy_spread(row)} | {fmt_bytes(row['state_bytes_per_param'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def ratio_spread(row: dict[str, float] | None) -> str:
+    if not row or math.isnan(row.get("ratio", math.nan)):
+        return "n/a"
+    return f"{row['ratio']:.3f}x ({row['ratio_min']:.3f}-{row['ratio_max']:.3f})"
+
+
+def copy_spread(row: dict[str, float]) -> str:
+    return f"{row['ratio_to_copy']:.2f}x ({row['ratio_to_copy_min']:.2f}-{row['ratio_to_copy_max']:.2f})"
