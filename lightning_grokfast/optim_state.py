@@ -87,7 +87,6 @@ class OptimizerStateLink:
         self._placeholders = placeholders
         self._names: dict[int, str] = {}
         self._params: dict[int, Tensor] = {}
-        self.loaded_names: set[str] = set()
         self._handles = [
             self.optimizer.register_state_dict_post_hook(self._on_state_dict),
             self.optimizer.register_load_state_dict_pre_hook(self._on_load_state_dict),
@@ -154,7 +153,6 @@ class OptimizerStateLink:
             self.filter.drop_state(list(self._names.values()))
         for name, record in loaded.items():
             self.filter.set_state(name, record)
-        self.loaded_names = set(loaded)
         groups = state_dict.get("param_groups", [])
         in_groups = [g["grokfast"] for g in groups if "grokfast" in g]  # sharded: see _on_state_dict
         extras = state_dict.get("grokfast", in_groups[0] if in_groups else None)
