@@ -341,7 +341,10 @@ class GradientFilter(TunableSettings):
             torch._foreach_mul_(grads, 1.0 / denominator)
         for term in active:
             coef = term.coef / denominator
-            ops.add_scaled_(grads, term.tensors, coef if guard is None else guard * coef)
+            if guard is None:
+                ops.add_scaled_(grads, term.tensors, coef)
+            else:
+                ops.add_guarded_(grads, term.tensors, coef, guard)
         return True
 
     # ------------------------------------------------------------------ state

@@ -86,6 +86,20 @@ def add_scaled_(grads: list[Tensor], state: list[Tensor], coef: float | Tensor) 
         torch._foreach_add_(grads, [s.to(g.dtype) for s, g in zip(scaled, grads)])
 
 
+def add_guarded_(grads: list[Tensor], state: list[Tensor], coef: float, scale: Tensor) -> None:
+    """``grad <- grad + scale * coef * state`` in place, adding nothing at all where ``scale`` is 0.
+
+    The divergence guard's path: ``scale`` (a 0-dim tensor) is 0 when the slow term is not finite, and ``0 * inf``
+    would be NaN, so the product is selected away on the device (no host read) instead of multiplied by 0.
+    """
+    scaled = torch._foreach_mul(state, scale * coef)
+    keep = scale > 0
+    kept = [torch.where(keep, t, 0.0) for t in scaled]
+    torch._foreach_add_(
+        grads, kept if state[0].dtype == grads[0].dtype else [t.to(g.dtype) for t, g in zip(kept, grads)]
+    )
+
+
 def orthogonalize_(grads: list[Tensor], params: list[Tensor], eps: float = 1e-30) -> None:
     r"""⊥Grad in place: ``g <- |g| * u / |u|`` with ``u = g - (<g, w> / <w, w>) w`` for each gradient ``g`` of ``w``.
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback, GrokkingDetectorCallback
@@ -19,6 +20,7 @@ from lightning_grokfast.tasks import (
     MLPClassifier,
     ModularArithmeticDataModule,
     SparseParityDataModule,
+    make_modular_dataset,
 )
 from tests.helpers import TinyModel
 from tests.test_dashboard import read_events, read_layout
@@ -124,6 +126,19 @@ def test_paper_settings_come_from_the_configs() -> None:
     assert ma.model.hparams.weight_decay == 0.01
     (baseline_callback,) = callbacks_of(baseline, GrokfastCallback)
     assert baseline_callback.enabled is False
+
+
+def test_ema_config_starts_from_the_paper_codes_weights_split_and_batches() -> None:
+    # `seed_everything: 0` then the model: the same draws as the paper's script with `--seed 0` (its model first,
+    # then its split and shuffles; the datamodule draws those from its own copy of that stream).
+    cli = build_task("--config", str(CONFIGS / "ema.yaml"))
+    torch.manual_seed(0)
+    expected = GrokTransformer(num_tokens=99).state_dict()
+    split = torch.randperm(97 * 96)
+    for name, tensor in cli.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name])
+    inputs, _ = make_modular_dataset("*", 97)
+    torch.testing.assert_close(cli.datamodule.train_set.tensors[0], inputs[split[:4656]])
 
 
 # ---------------------------------------------------------------------- flag groups

@@ -444,14 +444,14 @@ class StopAtMark(pl.Callback):
 
 @pytest.mark.timeout(120)
 def test_detector_fires_on_a_real_modular_arithmetic_run():
-    # x * y mod 31 on 80% of the table, a one-layer transformer with strong weight decay: train accuracy passes
-    # 0.9 near step 290 while validation is near 0.12; validation then climbs past 0.35 (step ~490) and 0.5
-    # (step ~640). About 15 s on one CPU thread.
+    # x * y mod 31 on 80% of the table (seed 1), a one-layer transformer with strong weight decay: train accuracy
+    # passes 0.9 near step 330 while validation is near 0.05; validation then climbs from about 0.25 to 0.5 within
+    # the jump window (step ~920). About 20 s on one CPU thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic, hence the same trajectory, on any machine
     try:
-        pl.seed_everything(0, verbose=False)
-        datamodule = ModularArithmeticDataModule(operation="*", p=31, train_fraction=0.8)
+        pl.seed_everything(1, verbose=False)
+        datamodule = ModularArithmeticDataModule(operation="*", p=31, train_fraction=0.8, seed=1)
         model = GrokTransformer(
             num_tokens=datamodule.num_tokens, dim=64, num_layers=1, lr=1e-3, weight_decay=1.0, optimizer="adamw"
         )

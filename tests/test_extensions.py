@@ -130,3 +130,14 @@ def test_speedup_and_the_new_options_round_trip_through_yaml(tmp_path):
         True,
         3.0,
     )
+
+
+def test_divergence_guard_adds_nothing_when_the_slow_term_is_not_finite():
+    # check_finite=False trusts the gradients, so an inf one enters the EMA; the guard then adds nothing (not NaN)
+    filt = GradientFilter("ema", alpha=0.9, lamb=2.0, max_amplified_ratio=10.0, check_finite=False)
+    filt.step(["w"], [torch.tensor([1.0, float("inf"), 1.0])])
+    grad = [torch.tensor([1.0, 2.0, 3.0])]
+    info = filt.step(["w"], grad, compute_norms=True)
+    assert not torch.isfinite(filt.states["w"].ema).all()
+    assert float(info.guard_scale) == 0.0
+    assert torch.equal(grad[0], torch.tensor([1.0, 2.0, 3.0]))  # the raw gradient, not NaN

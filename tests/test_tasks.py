@@ -16,6 +16,7 @@ from lightning_grokfast.tasks import (
     MLPClassifier,
     ModularArithmeticDataModule,
     SparseParityDataModule,
+    make_modular_dataset,
     make_sparse_parity_dataset,
 )
 from lightning_grokfast.tasks.digits import load_digits_tensors
@@ -73,6 +74,52 @@ def test_modular_split_is_disjoint_and_covers_every_equation() -> None:
     assert not _rows(data.train_set) & _rows(data.val_set)
 
 
+def test_modular_tokens_are_the_paper_codes() -> None:
+    inputs, targets = make_modular_dataset("*", 7)
+    assert inputs.shape == (7 * 6, 4)
+    assert (inputs[:, 1] == 8).all() and (inputs[:, 3] == 7).all()  # operator p + 1, equals p
+    torch.testing.assert_close(targets, inputs[:, 0] * inputs[:, 2] % 7)
+
+
+def test_modular_paper_order_draws_split_and_batches_as_the_paper_code() -> None:
+    # The paper's script: seed torch's global generator, build the model, draw the split, then one permutation
+    # of the train half per epoch, all from that generator.
+    torch.manual_seed(3)
+    GrokTransformer(num_tokens=99)
+    split = torch.randperm(97 * 96)
+    epochs = [torch.randperm(4656) for _ in range(2)]
+    inputs, targets = make_modular_dataset("*", 97)
+    train_inputs = inputs[split[:4656]]
+
+    data = ModularArithmeticDataModule(seed=3)
+    torch.testing.assert_close(data.train_set.tensors[0], train_inputs)
+    torch.testing.assert_close(data.val_set.tensors[1], targets[split[4656:]])
+    loader = data.train_dataloader()
+    for permutation in epochs:  # each pass over the loader is one epoch
+        train_inputs = train_inputs[permutation]  # the paper reassigns its train data: the orders compose
+        batches = [batch for batch, _ in loader]
+        assert [len(b) for b in batches] == [512] * 9 + [48]  # the paper's last batch too
+        torch.testing.assert_close(torch.cat(batches), train_inputs)
+
+
+def test_modular_datamodule_leaves_the_global_generator_to_the_model() -> None:
+    torch.manual_seed(5)
+    expected = GrokTransformer(num_tokens=99).state_dict()
+    torch.manual_seed(5)
+    ModularArithmeticDataModule(seed=5)
+    for name, tensor in GrokTransformer(num_tokens=99).state_dict().items():
+        torch.testing.assert_close(tensor, expected[name])
+
+
+def test_modular_own_order_is_the_earlier_seeded_split() -> None:
+    data = ModularArithmeticDataModule(p=11, seed=3, paper_order=False)
+    inputs, _ = make_modular_dataset("*", 11)
+    order = torch.randperm(110, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(data.train_set.tensors[0], inputs[order[:55]])
+    with pytest.raises(ValueError, match="`paper_order`"):
+        ModularArithmeticDataModule(paper_order="yes")  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------------- models
 def test_transformer_is_pre_norm_with_a_bias_free_head_over_all_tokens_by_default() -> None:
     model = GrokTransformer(num_tokens=13, dim=16, num_heads=2, num_layers=1)
@@ -85,7 +132,7 @@ def test_pre_norm_block_normalises_before_attention_and_mlp() -> None:
     torch.manual_seed(0)
     model = GrokTransformer(num_tokens=13, dim=16, num_heads=2, num_layers=1)
     block, x = model.blocks[0], torch.randn(3, 4, 16)
-    mask = model.causal_mask
+    mask = model.causal_mask[:4, :4]
     h = block.attention_norm(x)
     h = h + block.attention(h, h, h, attn_mask=mask, need_weights=False)[0]
     expected = h + block.mlp(block.mlp_norm(h))
@@ -97,8 +144,9 @@ def test_post_norm_option_gives_the_earlier_model() -> None:
     assert not model.blocks[0].norm_first and model.head.bias is not None and model.head.out_features == 11
     torch.manual_seed(0)
     block, x = model.blocks[0], torch.randn(3, 4, 16)
-    h = block.attention_norm(x + block.attention(x, x, x, attn_mask=model.causal_mask, need_weights=False)[0])
-    torch.testing.assert_close(block(x, model.causal_mask), block.mlp_norm(h + block.mlp(h)))
+    mask = model.causal_mask[:4, :4]
+    h = block.attention_norm(x + block.attention(x, x, x, attn_mask=mask, need_weights=False)[0])
+    torch.testing.assert_close(block(x, mask), block.mlp_norm(h + block.mlp(h)))
 
 
 def test_mlp_scales_its_initialisation() -> None:

@@ -8,11 +8,11 @@ answer token only. The data is generated in memory and split at random (seeded) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
 from lightning_grokfast.validation import check_bool, check_int, check_number
@@ -52,7 +52,8 @@ def make_modular_dataset(operation: str = "*", p: int = 97) -> tuple[Tensor, Ten
 
     Returns:
         ``(inputs, targets)``: ``inputs`` of shape ``(N, 4)`` holding ``[x, op, y, =]`` token ids, where the
-        operator token is ``p`` and the equals token is ``p + 1``; ``targets`` of shape ``(N,)``.
+        equals token is ``p`` and the operator token is ``p + 1`` (as in the paper's code); ``targets`` of shape
+        ``(N,)``.
 
     Raises:
         ValueError: If ``operation`` is unknown or ``p`` is not a prime.
@@ -64,8 +65,65 @@ def make_modular_dataset(operation: str = "*", p: int = 97) -> tuple[Tensor, Ten
         raise ValueError(f"`p` must be a prime number >= 2, got {p!r}.")
     x, y = torch.cartesian_prod(torch.arange(p), torch.arange(1, p)).unbind(1)
     targets = OPERATIONS[operation](x, y, p)
-    inputs = torch.stack([x, torch.full_like(x, p), y, torch.full_like(x, p + 1)], dim=1)
+    inputs = torch.stack([x, torch.full_like(x, p + 1), y, torch.full_like(x, p)], dim=1)
     return inputs, targets
+
+
+class EpochPermutationSampler(Sampler[int]):
+    """The paper's shuffling: each epoch permutes the previous epoch's order by a permutation from ``generator``.
+
+    The paper's code reassigns ``train_data = train_data[:, torch.randperm(n)]`` every epoch, so its orders compose;
+    and it draws exactly one permutation per epoch. :class:`~torch.utils.data.RandomSampler` permutes the original
+    order, draws one more permutation at the end of every epoch, and a ``DataLoader`` given the generator draws its
+    workers' base seed from it too, so it would not keep that order.
+
+    Args:
+        n: number of samples.
+        generator: the random stream of the permutations.
+
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.order = torch.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        self.order = self.order[torch.randperm(len(self.order), generator=self.generator)]
+        yield from self.order.tolist()
+
+
+def paper_random_stream(seed: int, num_tokens: int = 99) -> torch.Generator:
+    """The random stream from which the paper's code draws its split and its shuffles when run with ``--seed seed``.
+
+    That script seeds torch's global generator, initialises its model from it, then draws the train/validation
+    permutation and one permutation of the train set per epoch from the same generator. The default
+    :class:`GrokTransformer` (``num_tokens`` of them) draws its initial weights in the same order and shapes, so
+    this builds one under a forked global generator and returns a generator in the state that follows. The global
+    generator is left as it was.
+
+    Args:
+        seed: the seed given to the paper's script.
+        num_tokens: the vocabulary of that script's model (``p + 2``).
+
+    Returns:
+        A CPU generator positioned where the paper's code draws its split.
+
+    Example::
+
+        generator = paper_random_stream(0)
+        order = torch.randperm(97 * 96, generator=generator)  # the paper's split for seed 0
+
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        GrokTransformer(num_tokens=num_tokens)
+        state = torch.get_rng_state()
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
 
 
 class ModularArithmeticDataModule(SplitDataModule):
@@ -77,7 +135,11 @@ class ModularArithmeticDataModule(SplitDataModule):
         train_fraction: fraction of all equations used for training, in ``(0, 1)`` (default 0.5).
         batch_size: training batch size (default 512, as in the paper).
         val_batch_size: validation batch size (default: the whole validation set in one batch).
-        seed: seed of the train/validation split.
+        seed: seed of the train/validation split and of the shuffling.
+        paper_order: draw the split and the per-epoch shuffles as the paper's code does for ``--seed seed``
+            (default; see :func:`paper_random_stream`): with ``seed_everything(seed)`` before the default
+            :class:`GrokTransformer` is built, a run then starts from the paper code's weights, split and batches.
+            ``False``: from a generator seeded with ``seed`` alone (lightning-grokfast 0.2's order).
 
     Raises:
         ValueError: If an argument is out of range.
@@ -97,16 +159,28 @@ class ModularArithmeticDataModule(SplitDataModule):
         batch_size: int = 512,
         val_batch_size: int | None = None,
         seed: int = 0,
+        paper_order: bool = True,
     ) -> None:
         super().__init__(batch_size, val_batch_size, seed)
         check_number(train_fraction, "train_fraction", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        check_bool(paper_order, "paper_order")
         self.save_hyperparameters()
         inputs, targets = make_modular_dataset(operation, p)
-        generator = torch.Generator().manual_seed(seed)
+        generator = paper_random_stream(seed, p + 2) if paper_order else torch.Generator().manual_seed(seed)
         order = torch.randperm(len(targets), generator=generator)
+        self._shuffle_state = generator.get_state()  # the paper's epochs draw their permutations from here on
         n_train = round(train_fraction * len(targets))
         self.train_set = TensorDataset(inputs[order[:n_train]], targets[order[:n_train]])
         self.val_set = TensorDataset(inputs[order[n_train:]], targets[order[n_train:]])
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.hparams["paper_order"]:
+            return super().train_dataloader()
+        generator = torch.Generator()
+        generator.set_state(self._shuffle_state)
+        return DataLoader(
+            self.train_set, self.batch_size, sampler=EpochPermutationSampler(len(self.train_set), generator)
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -144,7 +218,10 @@ class GrokTransformer(ClassificationTask):
     (``x = ln_1(x); x = x + attn(x); x = x + mlp(ln_2(x))``, causal self-attention and a 4x MLP), a final
     LayerNorm and a bias-free linear head over all ``num_tokens`` tokens, PyTorch's default initialisation. The
     loss and accuracy are taken on the answer (last) position. Optimizer: Adam (or AdamW) with
-    ``betas=(0.9, 0.98)`` and a linear learning-rate warm-up.
+    ``betas=(0.9, 0.98)`` and a linear learning-rate warm-up. Its layers draw their initial weights in the order
+    and shapes of the paper's model, so after ``torch.manual_seed(s)`` (``seed_everything(s)``) the default model
+    holds the weights the paper's code starts from with ``--seed s``; with :class:`ModularArithmeticDataModule`'s
+    ``paper_order`` the split and the batches are that run's too.
 
     Args:
         num_tokens: vocabulary size (``p + 2`` for :class:`ModularArithmeticDataModule`).
@@ -162,7 +239,8 @@ class GrokTransformer(ClassificationTask):
         warmup_steps: linear learning-rate warm-up, in optimizer steps (paper: 10).
         optimizer: ``"adam"`` (coupled L2 weight decay, as in the paper's code) or ``"adamw"``.
         loss: ``"cross_entropy"`` (paper) or ``"stablemax"`` (StableMax cross-entropy, Prieto et al. 2025).
-        seq_len: input length (4 for ``[x, op, y, =]``).
+        seq_len: positions of the position embedding (5, as the reference's ``x op y = z``; the inputs
+            ``[x, op, y, =]`` use the first 4), at least the input length.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -190,7 +268,7 @@ class GrokTransformer(ClassificationTask):
         warmup_steps: int = 10,
         optimizer: str = "adam",
         loss: str = "cross_entropy",
-        seq_len: int = 4,
+        seq_len: int = 5,
     ) -> None:
         check_int(num_tokens, "num_tokens", low=2)
         num_classes = num_tokens if num_classes is None else num_classes
