@@ -5,7 +5,8 @@ Task and model are the paper's: ``x * y mod 97`` (x in [0, 97), y in [1, 97)), a
 weight decay, 10 warm-up updates), batch 512. Each run is a ``Trainer.fit`` that validates on the whole
 validation half every ``--val-every`` optimizer steps, records the first step and the wall-clock time (from the
 start of training, validation included) at which validation accuracy reaches 50 %, 90 % and 95 %, and stops at
-95 % or at its step cap. A seed sets the train/validation split and the initialization (``seed_everything``).
+95 % or at its step cap. A seed sets the initialization (``seed_everything``), the train/validation split and the
+batch order, all three as the paper's code draws them with the same ``--seed``.
 
 Configurations (``--configs``):
 

@@ -8,6 +8,7 @@ from lightning_grokfast.tasks.modular import (
     GrokTransformer,
     ModularArithmeticDataModule,
     make_modular_dataset,
+    paper_random_stream,
 )
 from lightning_grokfast.tasks.parity import SparseParityDataModule, make_sparse_parity_dataset
 
@@ -22,4 +23,5 @@ __all__ = [
     "SplitDataModule",
     "make_modular_dataset",
     "make_sparse_parity_dataset",
+    "paper_random_stream",
 ]

@@ -139,7 +139,8 @@ class ModularArithmeticDataModule(SplitDataModule):
         paper_order: draw the split and the per-epoch shuffles as the paper's code does for ``--seed seed``
             (default; see :func:`paper_random_stream`): with ``seed_everything(seed)`` before the default
             :class:`GrokTransformer` is built, a run then starts from the paper code's weights, split and batches.
-            ``False``: from a generator seeded with ``seed`` alone (lightning-grokfast 0.2's order).
+            ``False``: split as lightning-grokfast 0.2 did (a generator seeded with ``seed`` alone), batches
+            as :class:`~torch.utils.data.RandomSampler` draws them from it.
 
     Raises:
         ValueError: If an argument is out of range.
