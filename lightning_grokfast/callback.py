@@ -147,10 +147,21 @@ class GrokfastCallback(TunableSettings, Callback):
         """A callback tuned by the authors' rule of thumb for a target acceleration ``speedup`` (``N``).
 
         ``N`` is how many times sooner generalization should come: the filter averages over about ``N`` steps
-        (``window_size = N``; for the EMA, ``alpha**N = 0.1``).
+        (``window_size = N``; for the EMA, ``alpha**N = 0.1``). ``N`` sets the time scale only; ``lamb`` is still
+        yours (paper: 2 for the EMA, 5 for the MA).
+
+        Args:
+            speedup: the target acceleration ``N``, a number > 1.
+            filter: ``"ema"`` (sets ``alpha``), ``"ma"`` (sets ``window_size``) or ``"ema+ma"`` (both).
+            **kwargs: every other :class:`GrokfastCallback` argument.
 
         Raises:
             ValueError: If ``speedup`` is not a number > 1, or an argument is out of its range.
+
+        Example::
+
+            GrokfastCallback.from_speedup(100)                     # alpha = 0.1 ** (1 / 100) = 0.977
+            GrokfastCallback.from_speedup(50, filter="ma", lamb=5)  # window_size = 50
 
         """
         return cls(filter=filter, speedup=speedup, **kwargs)
