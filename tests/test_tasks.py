@@ -139,6 +139,28 @@ def test_pre_norm_block_normalises_before_attention_and_mlp() -> None:
     torch.testing.assert_close(block(x, mask), expected)
 
 
+def test_transformer_draws_the_initial_weights_of_the_papers_model() -> None:
+    # The paper's model, written out in its construction order: token and position (5) embeddings; per block
+    # ln_1, ln_2, attention, MLP; final LayerNorm; bias-free head. Same seed, same weights.
+    torch.manual_seed(7)
+    tokens, positions = nn.Embedding(99, 128), nn.Embedding(5, 128)
+    blocks = [
+        (nn.LayerNorm(128), nn.LayerNorm(128), nn.MultiheadAttention(128, 4), nn.Linear(128, 512), nn.Linear(512, 128))
+        for _ in range(2)
+    ]
+    head = (nn.LayerNorm(128), nn.Linear(128, 99, bias=False))[1]
+    torch.manual_seed(7)
+    model = GrokTransformer(num_tokens=99)
+    torch.testing.assert_close(model.token_embedding.weight, tokens.weight)
+    torch.testing.assert_close(model.position_embedding.weight, positions.weight)
+    for ours, (_, _, attention, up, down) in zip(model.blocks, blocks, strict=True):
+        torch.testing.assert_close(ours.attention.in_proj_weight, attention.in_proj_weight)
+        torch.testing.assert_close(ours.attention.out_proj.weight, attention.out_proj.weight)
+        torch.testing.assert_close(ours.mlp[0].weight, up.weight)
+        torch.testing.assert_close(ours.mlp[2].bias, down.bias)
+    torch.testing.assert_close(model.head.weight, head.weight)
+
+
 def test_post_norm_option_gives_the_earlier_model() -> None:
     model = GrokTransformer(num_tokens=13, num_classes=11, dim=16, num_heads=2, norm_first=False, head_bias=True)
     assert not model.blocks[0].norm_first and model.head.bias is not None and model.head.out_features == 11
