@@ -52,6 +52,7 @@ from grokking_common import (
     cell,
     load_runs,
     plot_curves,
+    row_commands,
     run_one,
     speedup,
     summarize_marks,
@@ -129,7 +130,7 @@ def markdown(summary: dict[str, Any], seeds: int, val_every: int, commands: dict
         lines.append(
             f"| {method.label} | {seed_list} | {cell(marks['0.5'], cap)} | {cell(marks['0.9'], cap)}"
             f" | {cell(marks['0.95'], cap)} | {cell(marks['0.95'], cap, 'seconds')} | {reached} | {vs_wd0}"
-            f" | {vs_same} | {paper} | `{commands.get(name, '')}` |"
+            f" | {vs_same} | {paper} | {commands.get(name, '')} |"
         )
     return "\n".join([*lines, ""])
 
@@ -199,7 +200,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = load_runs(json_path, args.resume)
     runs += [r for r in merged_runs(args.merge) if r not in runs]
     command = " ".join(["python benchmarks/grokking.py", *(argv if argv is not None else sys.argv[1:])])
-    commands = {r["config"]: r.get("command", command) for r in runs}
     started = time.perf_counter()
     for name in [] if args.table_only else args.configs:
         method, weight_decay, _ = CONFIGS[name]
@@ -208,10 +208,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             cap = caps[1] if is_baseline(name) else caps[0]
             result = run_one(TASK, method, seed, settings, weight_decay=weight_decay, cap=cap)
-            result["command"] = commands[name] = command
+            result["command"] = command
             runs.append(result)
             json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
     report = _report(runs, command, settings, started)
+    commands = row_commands(runs, lambda r: r["config"])
     table = markdown(report["summary"], len(settings.seeds), settings.val_every or 10, commands)
     print(f"\n{table}")
     (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")

@@ -359,6 +359,16 @@ def load_runs(path: Path, resume: bool, merge: list[Path] | None = None) -> list
     return runs
 
 
+def row_commands(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> dict[str, str]:
+    """Per table row (``key(run)``), the distinct commands that made its runs, in order, as one markdown cell."""
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        commands = found.setdefault(key(run), [])
+        if run.get("command") and run["command"] not in commands:
+            commands.append(run["command"])
+    return {row: "<br>".join(f"`{c}`" for c in commands) for row, commands in found.items()}
+
+
 def plot_curves(ax: Any, runs: list[dict[str, Any]], labels: dict[str, str], title: str, target: float) -> None:
     """Validation (solid) and train-batch (dashed) accuracy of every run, one colour per row, log step axis."""
     import matplotlib.pyplot as plt

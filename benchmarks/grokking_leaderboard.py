@@ -43,6 +43,7 @@ from grokking_common import (
     cell,
     load_runs,
     missing_requirement,
+    row_commands,
     run_one,
     speedup,
     summarize_marks,
@@ -86,7 +87,7 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
             lines.append(
                 f"| {task_name} ({float(target):.0%}) | {method.label} | {weight_decay:g}"
                 f" | {' '.join(map(str, entry['seeds']))} | {cell(mark, cap)} | {cell(mark, cap, 'seconds')}"
-                f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | `{commands.get(f'{task_name}/{name}', '')}` |"
+                f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | {commands.get(f'{task_name}/{name}', '')} |"
             )
     return "\n".join([*lines, ""])
 
@@ -135,7 +136,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path = args.out_dir / f"{stem}.json"
     runs = load_runs(json_path, args.resume, args.merge)
     command = " ".join(["python benchmarks/grokking_leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
-    commands = {f"{r['task']}/{r['config']}": r.get("command", "") for r in runs}
     started = time.perf_counter()
     for task_name in args.tasks:
         for name in args.methods:
@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if any((r["task"], r["config"], r["seed"]) == (task_name, name, seed) for r in runs):
                     continue
                 result = run_one(TASKS[task_name], METHODS[name], seed, settings)
-                result["command"] = commands[f"{task_name}/{name}"] = command
+                result["command"] = command
                 runs.append(result)
                 json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
     report = _report(runs, command, settings, started)
-    table = markdown(report["summary"], commands)
+    table = markdown(report["summary"], row_commands(runs, lambda r: f"{r['task']}/{r['config']}"))
     print(f"\n{table}")
     (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")
     plot(runs, list(report["summary"]), args.out_dir / f"{stem}.png")
