@@ -193,6 +193,7 @@ class GradientFilter(TunableSettings):
         return state
 
     # ------------------------------------------------------------------ the step
+    @torch.no_grad()
     def step(
         self,
         names: Sequence[str],
@@ -220,6 +221,10 @@ class GradientFilter(TunableSettings):
         Raises:
             ValueError: If ``names`` and ``grads`` (or ``params``) differ in length, a state does not match its
                 gradient, or ``orthogonal`` is on and ``params`` is missing.
+
+        Runs under ``torch.no_grad()``, as an optimizer step does: with ``orthogonal`` the gradients are combined
+        with the parameters, which require grad, and autograd would otherwise chain every step's result (the
+        gradient and the filter state) to the previous one, holding every step's tensors in memory.
 
         """
         if len(names) != len(grads) or (params is not None and len(params) != len(grads)):

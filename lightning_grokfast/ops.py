@@ -109,7 +109,7 @@ def orthogonalize_(grads: list[Tensor], params: list[Tensor], eps: float = 1e-30
     """
     work_dtype = torch.float32 if grads[0].dtype in (torch.float16, torch.bfloat16) else grads[0].dtype
     g = grads if grads[0].dtype == work_dtype else [t.to(work_dtype) for t in grads]
-    w = [p.to(work_dtype) for p in params]
+    w = [p.detach().to(work_dtype) for p in params]  # no autograd history through the parameters
     products = torch._foreach_mul(g, w)
     total = torch.stack(torch._foreach_norm(products, 1))
     torch._foreach_clamp_min_(products, 0.0)

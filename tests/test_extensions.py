@@ -141,3 +141,18 @@ def test_divergence_guard_adds_nothing_when_the_slow_term_is_not_finite():
     assert not torch.isfinite(filt.states["w"].ema).all()
     assert float(info.guard_scale) == 0.0
     assert torch.equal(grad[0], torch.tensor([1.0, 2.0, 3.0]))  # the raw gradient, not NaN
+
+
+def test_orthogonal_leaves_no_autograd_history_on_gradients_or_state():
+    # the parameters require grad; a product with them must not chain each step's gradient and EMA to the last
+    # (that held every step's tensors: a modular-arithmetic run with orthogonal=True grew past 20 GB)
+    w = nn.Parameter(torch.randn(5, 3))
+    filt = GradientFilter("ema", orthogonal=True, max_amplified_ratio=2.0)
+    for _ in range(3):
+        w.grad = torch.randn(5, 3)
+        filt.step(["w"], [w.grad], params=[w])
+        assert w.grad.grad_fn is None and not w.grad.requires_grad
+        assert filt.states["w"].ema.grad_fn is None
+    grads = [torch.randn(5, 3)]
+    orthogonalize_(grads, [w])
+    assert grads[0].grad_fn is None
