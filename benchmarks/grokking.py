@@ -90,7 +90,7 @@ def merged_runs(paths: list[Path]) -> list[dict[str, Any]]:
         report = json.loads(path.read_text())
         for run in report["runs"]:
             run.setdefault("command", report["command"])
-            if "task" in run:  # a leaderboard run
+            if "grokking_leaderboard" in report["command"]:  # a leaderboard run (this script's own have a task too)
                 if run["task"] != "modular" or run["config"] not in FROM_LEADERBOARD:
                     continue
                 run = {**run, "config": FROM_LEADERBOARD[run["config"]]}
