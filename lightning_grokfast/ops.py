@@ -76,14 +76,10 @@ def add_scaled_(grads: list[Tensor], state: list[Tensor], coef: float | Tensor) 
     """``grad <- grad + coef * state`` in place (``coef`` a float or a 0-dim tensor; dtypes may differ)."""
     if isinstance(coef, float) and coef == 0.0:
         return
-    if state[0].dtype == grads[0].dtype:
-        if isinstance(coef, Tensor):
-            torch._foreach_add_(grads, torch._foreach_mul(state, coef))
-        else:
-            torch._foreach_add_(grads, state, alpha=coef)
+    if state[0].dtype == grads[0].dtype and not isinstance(coef, Tensor):
+        torch._foreach_add_(grads, state, alpha=coef)
     else:
-        scaled = torch._foreach_mul(state, coef)
-        torch._foreach_add_(grads, [s.to(g.dtype) for s, g in zip(scaled, grads)])
+        _add_in_grad_dtype_(grads, torch._foreach_mul(state, coef))
 
 
 def add_guarded_(grads: list[Tensor], state: list[Tensor], coef: float, scale: Tensor) -> None:
@@ -92,12 +88,15 @@ def add_guarded_(grads: list[Tensor], state: list[Tensor], coef: float, scale: T
     The divergence guard's path: ``scale`` (a 0-dim tensor) is 0 when the slow term is not finite, and ``0 * inf``
     would be NaN, so the product is selected away on the device (no host read) instead of multiplied by 0.
     """
-    scaled = torch._foreach_mul(state, scale * coef)
     keep = scale > 0
-    kept = [torch.where(keep, t, 0.0) for t in scaled]
-    torch._foreach_add_(
-        grads, kept if state[0].dtype == grads[0].dtype else [t.to(g.dtype) for t, g in zip(kept, grads)]
-    )
+    scaled = torch._foreach_mul(state, scale * coef)
+    _add_in_grad_dtype_(grads, [torch.where(keep, t, 0.0) for t in scaled])
+
+
+def _add_in_grad_dtype_(grads: list[Tensor], terms: Sequence[Tensor]) -> None:
+    """``grad <- grad + term`` in place, casting each term to its gradient's dtype when the two differ."""
+    cast = terms[0].dtype != grads[0].dtype
+    torch._foreach_add_(grads, [t.to(g.dtype) for t, g in zip(terms, grads)] if cast else list(terms))
 
 
 def orthogonalize_(grads: list[Tensor], params: list[Tensor], eps: float = 1e-30) -> None:
