@@ -55,6 +55,7 @@ from grokking_common import (
     row_commands,
     run_one,
     speedup,
+    stop_if_interrupted,
     summarize_marks,
 )
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["command"] = command
             runs.append(result)
             json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
+            stop_if_interrupted(result, json_path)
     report = _report(runs, command, settings, started)
     commands = row_commands(runs, lambda r: r["config"])
     table = markdown(report["summary"], len(settings.seeds), settings.val_every or 10, commands)

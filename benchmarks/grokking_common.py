@@ -281,13 +281,17 @@ def run_one(
         callbacks=callbacks,
     )
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    except SystemExit:  # Ctrl-C (Lightning then exits 1) or SIGTERM (SIGTERMException): keep what was measured
+        if not trainer.interrupted:
+            raise
     result: dict[str, Any] = {
         "task": task.name,
         "config": method.name,
         "seed": seed,
         "weight_decay": weight_decay,
-        "cap": cap,
+        "cap": trainer.global_step if trainer.interrupted else cap,  # a stopped run says "not by" where it stopped
         "steps_run": trainer.global_step,
         "wall_s": time.perf_counter() - start,
         "steps_to": {str(m): milestones.steps.get(m) for m in task.marks},
@@ -295,6 +299,9 @@ def run_one(
         "final_val_acc": milestones.curve[-1][1] if milestones.curve else None,
         "curve": milestones.curve,
     }
+    if trainer.interrupted:
+        result["interrupted"] = True
+        result["cap_requested"] = cap
     if grokfast is not None:
         result["final_lamb"] = grokfast.lamb
     if detector is not None:
@@ -351,9 +358,20 @@ def speedup(base: dict[str, Any] | None, steps: float, mark: str) -> str:
     return f"> {base['cap'] / steps:.1f}x" if base["cap"] > steps else ""
 
 
+def stop_if_interrupted(result: dict[str, Any], json_path: Path) -> None:
+    """After saving ``result``: end the invocation (exit status 1) if that run was stopped by Ctrl-C or SIGTERM."""
+    if result.get("interrupted"):
+        raise SystemExit(f"[grokking] stopped at step {result['steps_run']:,}; the run so far is in {json_path}")
+
+
 def load_runs(path: Path, resume: bool, merge: list[Path] | None = None) -> list[dict[str, Any]]:
-    """Finished runs of an earlier invocation (``--resume``) and of the JSON files in ``merge`` (``--merge``)."""
+    """Finished runs of an earlier invocation (``--resume``) and all runs of the JSON files in ``merge``.
+
+    A run stopped by Ctrl-C or SIGTERM (``"interrupted"``) is kept by ``--merge`` (its cap is the step it stopped
+    at) but not by ``--resume``, which trains it again from the start.
+    """
     runs = json.loads(path.read_text())["runs"] if resume and path.exists() else []
+    runs = [r for r in runs if not r.get("interrupted")]
     for other in merge or []:
         runs += [r for r in json.loads(other.read_text())["runs"] if r not in runs]
     return runs

@@ -46,6 +46,7 @@ from grokking_common import (
     row_commands,
     run_one,
     speedup,
+    stop_if_interrupted,
     summarize_marks,
 )
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["command"] = command
                 runs.append(result)
                 json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
+                stop_if_interrupted(result, json_path)
     report = _report(runs, command, settings, started)
     table = markdown(report["summary"], row_commands(runs, lambda r: f"{r['task']}/{r['config']}"))
     print(f"\n{table}")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tests.test_benchmarks import BENCHMARKS, _load
 
@@ -40,6 +44,36 @@ def test_rows_needing_callback_arguments_that_do_not_exist_are_reported_missing(
     needs_unknown = common.Method("x", "x", grokfast={"filter": "ema"}, needs=("no_such_argument",))
     assert common.missing_requirement(needs_nothing) is None
     assert "no_such_argument" in common.missing_requirement(needs_unknown)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SIGTERMException], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_keeps_its_curve_and_says_where_it_stopped(
+    stop: type[BaseException], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    record = common.MilestoneCallback.on_validation_end
+
+    def stop_at_the_second_validation(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        record(self, trainer, pl_module)
+        if len(self.curve) == 2:
+            raise stop()
+
+    monkeypatch.setattr(common.MilestoneCallback, "on_validation_end", stop_at_the_second_validation)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it has caught one
+    try:
+        settings = common.Settings(mode="smoke", max_steps=40, val_every=4)
+        result = common.run_one(common.TASKS["parity"], common.Method("none", "no filter"), 0, settings)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert result["interrupted"] and result["steps_run"] == 8 and result["cap"] == 8
+    assert result["cap_requested"] == 40 and [s for s, _, _ in result["curve"]] == [4, 8]
+    path = tmp_path / "stopped.json"
+    path.write_text(json.dumps({"command": "x", "runs": [result]}))
+    assert common.load_runs(path, resume=True) == []  # --resume trains a stopped run again
+    merged = common.load_runs(tmp_path / "none.json", resume=False, merge=[path])  # --merge keeps it
+    assert [run["curve"] for run in merged] == [[list(point) for point in result["curve"]]]
+    with pytest.raises(SystemExit, match="stopped at step 8"):
+        common.stop_if_interrupted(result, path)
+    common.stop_if_interrupted({"steps_run": 40}, path)  # a finished run goes on
 
 
 def _run(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
