@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
 
 from lightning_grokfast.losses import stablemax_cross_entropy
 from lightning_grokfast.tasks import (
     DigitsDataModule,
+    EpochPermutationSampler,
     GrokTransformer,
     MLPClassifier,
     ModularArithmeticDataModule,
@@ -109,6 +114,68 @@ def test_modular_datamodule_leaves_the_global_generator_to_the_model() -> None:
     ModularArithmeticDataModule(seed=5)
     for name, tensor in GrokTransformer(num_tokens=99).state_dict().items():
         torch.testing.assert_close(tensor, expected[name])
+
+
+class _BatchRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:  # type: ignore[no-untyped-def]
+        self.batches.append((trainer.global_step, batch[0].clone()))
+
+
+def _fit_small_modular(  # type: ignore[no-untyped-def]
+    max_steps: int, val_every: float, ckpt_path: Path | None = None, checkpoint: dict[str, Any] | None = None
+):
+    pl.seed_everything(0, verbose=False)
+    data = ModularArithmeticDataModule(p=23, batch_size=64)  # 253 train equations: 4 batches an epoch, the last 61
+    model = GrokTransformer(num_tokens=data.num_tokens, dim=16, num_heads=2, num_layers=1)
+    recorder = _BatchRecorder()
+    callbacks: list[pl.Callback] = [recorder]
+    if checkpoint is not None:
+        callbacks.append(ModelCheckpoint(save_top_k=-1, **checkpoint))
+    fit = trainer(
+        max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(checkpoint), val_check_interval=val_every
+    )
+    fit.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return recorder.batches, model
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "val_every", "step"),
+    [
+        ({"every_n_train_steps": 6}, 1.0, 6),  # mid-epoch, after a training batch
+        ({"every_n_train_steps": 8}, 1.0, 8),  # after an epoch's last batch
+        ({}, 1.0, 8),  # the default: after the validation at the end of each epoch
+        ({}, 3, 7),  # after a validation in the middle of an epoch
+    ],
+    ids=["mid-epoch", "last-batch", "epoch-end", "mid-epoch-validation"],
+)
+def test_a_resumed_modular_run_trains_on_the_uninterrupted_runs_batches(
+    checkpoint: dict[str, Any], val_every: float, step: int, tmp_path: Path
+) -> None:
+    uninterrupted, expected = _fit_small_modular(14, val_every)
+    _fit_small_modular(9, val_every, checkpoint={"dirpath": tmp_path, **checkpoint})
+    (path,) = tmp_path.glob(f"*-step={step}.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+        resumed, model = _fit_small_modular(14, val_every, ckpt_path=path)
+    assert [s for s, _ in resumed] == list(range(step, 14))
+    for (s, mine), (_, theirs) in zip(resumed, uninterrupted[step:]):
+        torch.testing.assert_close(mine, theirs, msg=f"step {s}")
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, expected.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def test_epoch_permutation_sampler_starts_where_a_run_left_off() -> None:
+    full = EpochPermutationSampler(10, torch.Generator().manual_seed(1))
+    epochs = [list(full) for _ in range(3)]
+    resumed = EpochPermutationSampler(10, torch.Generator().manual_seed(1), start_epoch=1, skip=4)
+    assert len(resumed) == 10 and list(resumed) == epochs[1][4:] and list(resumed) == epochs[2]
+    with pytest.raises(ValueError, match="`skip`"):
+        EpochPermutationSampler(10, torch.Generator(), skip=11)
+    with pytest.raises(ValueError, match="`start_epoch`"):
+        EpochPermutationSampler(10, torch.Generator(), start_epoch=-1)
 
 
 def test_modular_own_order_is_the_earlier_seeded_split() -> None:

@@ -5,6 +5,7 @@ from lightning_grokfast.tasks.digits import DigitsDataModule
 from lightning_grokfast.tasks.mlp import MLPClassifier
 from lightning_grokfast.tasks.modular import (
     OPERATIONS,
+    EpochPermutationSampler,
     GrokTransformer,
     ModularArithmeticDataModule,
     make_modular_dataset,
@@ -16,6 +17,7 @@ __all__ = [
     "OPERATIONS",
     "ClassificationTask",
     "DigitsDataModule",
+    "EpochPermutationSampler",
     "GrokTransformer",
     "MLPClassifier",
     "ModularArithmeticDataModule",

@@ -79,20 +79,41 @@ class EpochPermutationSampler(Sampler[int]):
 
     Args:
         n: number of samples.
-        generator: the random stream of the permutations.
+        generator: the random stream of the permutations, positioned before the first epoch's draw.
+        start_epoch: epochs already trained: their permutations are drawn (and composed) at construction, so the
+            first iteration yields epoch ``start_epoch``'s order, as an uninterrupted run would.
+        skip: samples of that first iteration already trained on (a resume mid-epoch); they are not yielded again
+            (``len`` stays an epoch's length: the Trainer restores its own count of the epoch's batches).
+
+    Raises:
+        ValueError: If ``start_epoch`` is negative or ``skip`` is not in ``[0, n]``.
+
+    Example::
+
+        sampler = EpochPermutationSampler(4704, torch.Generator().manual_seed(0), start_epoch=3, skip=1024)
 
     """
 
-    def __init__(self, n: int, generator: torch.Generator) -> None:
+    def __init__(self, n: int, generator: torch.Generator, start_epoch: int = 0, skip: int = 0) -> None:
+        check_int(start_epoch, "start_epoch", low=0)
+        if check_int(skip, "skip", low=0) > n:
+            raise ValueError(f"`skip` must be an integer in [0, n={n}], got {skip}.")
         self.generator = generator
         self.order = torch.arange(n)
+        for _ in range(start_epoch):
+            self._draw()
+        self._skip = skip
+
+    def _draw(self) -> None:
+        self.order = self.order[torch.randperm(len(self.order), generator=self.generator)]
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.order)  # an epoch's length, as a resumed Trainer counts its batches from the checkpoint's
 
     def __iter__(self) -> Iterator[int]:
-        self.order = self.order[torch.randperm(len(self.order), generator=self.generator)]
-        yield from self.order.tolist()
+        self._draw()
+        skip, self._skip = self._skip, 0
+        yield from self.order[skip:].tolist()
 
 
 def paper_random_stream(seed: int, num_tokens: int = 99) -> torch.Generator:
@@ -179,9 +200,27 @@ class ModularArithmeticDataModule(SplitDataModule):
             return super().train_dataloader()
         generator = torch.Generator()
         generator.set_state(self._shuffle_state)
-        return DataLoader(
-            self.train_set, self.batch_size, sampler=EpochPermutationSampler(len(self.train_set), generator)
-        )
+        epoch, skip = self._resumed_position()
+        sampler = EpochPermutationSampler(len(self.train_set), generator, start_epoch=epoch, skip=skip)
+        return DataLoader(self.train_set, self.batch_size, sampler=sampler)
+
+    def _resumed_position(self) -> tuple[int, int]:
+        """(epoch, samples of it already trained on) of the attached Trainer: ``(0, 0)`` unless it resumes a run.
+
+        The shuffles are a function of the epoch, so a run resumed from a checkpoint (the Trainer restores its
+        loops before it builds the dataloader) continues the uninterrupted run's batches with no state of its own.
+        With several processes the sampler is wrapped in a distributed one that needs full epochs: a resume
+        mid-epoch there gets the right epoch's order from its start (Lightning warns of this case).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epoch = trainer.current_epoch
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker, typed as its base
+        skip = int(getattr(progress, "processed", progress.completed)) * self.batch_size  # batches trained on
+        if skip >= len(self.train_set):
+            return epoch + 1, 0
+        return epoch, skip if trainer.world_size == 1 else 0
 
     @property
     def num_tokens(self) -> int:
