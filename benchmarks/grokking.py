@@ -49,6 +49,7 @@ from grokking_common import (
     TASKS,
     Method,
     Settings,
+    add_checkpoint_arguments,
     cell,
     load_runs,
     plot_curves,
@@ -185,12 +186,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", help="file name stem of the results")
+    add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
 
     settings = Settings(mode="smoke" if args.smoke else "quick" if args.quick else "full")
     settings.seeds = args.seeds or ([0] if args.quick or args.smoke else [0, 1, 2])
     settings.val_every = 3 if args.smoke else args.val_every
     settings.progress_every = args.progress_every
+    settings.checkpoint_dir, settings.checkpoint_every = args.checkpoint_dir, args.checkpoint_every
     caps = (12, 6) if args.smoke else (2500, 1500) if args.quick else (args.max_steps, args.max_steps_baseline)
     if args.threads or args.smoke:
         torch.set_num_threads(args.threads or 1)

@@ -6,6 +6,7 @@ matched weight decay on every built-in task) are thin command lines over this mo
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import logging
@@ -171,10 +172,24 @@ class MilestoneCallback(Callback):
         self.steps: dict[float, int] = {}
         self.seconds: dict[float, float] = {}
         self.curve: list[tuple[int, float, float]] = []  # (step, val_acc, train_acc)
-        self._start = 0.0
+        self._start = time.perf_counter()
+        self._elapsed_before = 0.0  # training seconds of the run this one continues
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of training so far, including those before a resume."""
+        return time.perf_counter() - self._start
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() - self._elapsed_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": self.seconds, "curve": self.curve, "elapsed": self.elapsed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps, self.seconds = dict(state_dict["steps"]), dict(state_dict["seconds"])
+        self.curve = [(int(s), float(v), float(t)) for s, v, t in state_dict["curve"]]
+        self._elapsed_before = float(state_dict["elapsed"])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -187,7 +202,7 @@ class MilestoneCallback(Callback):
         for mark in self.marks:
             if mark not in self.steps and val >= mark:
                 self.steps[mark] = step
-                self.seconds[mark] = time.perf_counter() - self._start
+                self.seconds[mark] = self.elapsed
         if self.progress_every and step % self.progress_every < trainer.val_check_interval:
             print(f"[grokking] step {step}: val_acc {val:.4f} train_acc {train:.4f}", flush=True)
         if val >= self.marks[-1]:
@@ -241,6 +256,53 @@ class Settings:
     max_steps: int | None = None  # None: the task's own cap
     val_every: int | None = None  # None: the task's own interval
     progress_every: int = 0
+    checkpoint_dir: str | None = None  # save each run there; a run with a save there continues from it
+    checkpoint_every: int = 1000
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint-dir`` / ``--checkpoint-every``: long runs that survive being stopped."""
+    parser.add_argument(
+        "--checkpoint-dir", help="save each run there every --checkpoint-every steps; a run saved there continues"
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between saves (default 1000)")
+
+
+class SaveAfterValidation(Callback):
+    """Saves ``path`` after a validation at least ``every`` steps after the last save (written, then renamed).
+
+    After the validation, not after the training batch (where ``ModelCheckpoint(every_n_train_steps=...)`` saves),
+    so the saved milestones include that validation, which a resumed run does not repeat.
+
+    Args:
+        path: the checkpoint file, overwritten at each save.
+        every: minimum optimizer steps between saves.
+
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every, self._saved_at = path, every, 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_step - self._saved_at < self.every:
+            return
+        partial = self.path.with_suffix(".partial")
+        trainer.save_checkpoint(partial)
+        partial.replace(self.path)  # a run stopped while saving keeps the previous save
+        self._saved_at = trainer.global_step
+
+
+def _checkpointing(task: Task, method: Method, seed: int, settings: Settings) -> tuple[list[Callback], Path | None]:
+    """The saving callback of one run and the checkpoint it continues from (neither without ``checkpoint_dir``)."""
+    if settings.checkpoint_dir is None:
+        return [], None
+    path = Path(settings.checkpoint_dir) / f"{task.name}-{method.name}-seed{seed}.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saving: list[Callback] = [SaveAfterValidation(path, settings.checkpoint_every)]
+    if not path.exists():
+        return saving, None
+    print(f"[grokking] continuing {task.name}/{method.name} seed {seed} from {path}", flush=True)
+    return saving, path
 
 
 def run_one(
@@ -266,6 +328,7 @@ def run_one(
         )
         callbacks.append(detector)
     cap = cap or settings.max_steps or task.max_steps
+    saving, resume_from = _checkpointing(task, method, seed, settings)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -278,11 +341,10 @@ def run_one(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=callbacks + saving,
     )
-    start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:  # Ctrl-C (Lightning then exits 1) or SIGTERM (SIGTERMException): keep what was measured
         if not trainer.interrupted:
             raise
@@ -293,7 +355,7 @@ def run_one(
         "weight_decay": weight_decay,
         "cap": trainer.global_step if trainer.interrupted else cap,  # a stopped run says "not by" where it stopped
         "steps_run": trainer.global_step,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": milestones.elapsed,
         "steps_to": {str(m): milestones.steps.get(m) for m in task.marks},
         "seconds_to": {str(m): milestones.seconds.get(m) for m in task.marks},
         "final_val_acc": milestones.curve[-1][1] if milestones.curve else None,

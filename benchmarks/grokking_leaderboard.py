@@ -40,6 +40,7 @@ from grokking_common import (
     TASKS,
     Method,
     Settings,
+    add_checkpoint_arguments,
     cell,
     load_runs,
     missing_requirement,
@@ -124,9 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="file name stem (default grokking_leaderboard[_smoke])")
+    add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
 
-    settings = Settings(mode="smoke" if args.smoke else "full", seeds=args.seeds)
+    settings = Settings(
+        mode="smoke" if args.smoke else "full",
+        seeds=args.seeds,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
     if args.smoke:
         settings.max_steps, settings.val_every, settings.seeds = 8, 4, [0]
     if args.threads or args.smoke:

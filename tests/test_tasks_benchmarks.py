@@ -46,24 +46,33 @@ def test_rows_needing_callback_arguments_that_do_not_exist_are_reported_missing(
     assert "no_such_argument" in common.missing_requirement(needs_unknown)
 
 
+def _stop_at_validation(number: int, stop: type[BaseException], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the benchmark's MilestoneCallback raise ``stop`` (Ctrl-C, SIGTERM) right after validation ``number``."""
+    record = common.MilestoneCallback.on_validation_end
+
+    def stop_there(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        record(self, trainer, pl_module)
+        if len(self.curve) == number:
+            raise stop()
+
+    monkeypatch.setattr(common.MilestoneCallback, "on_validation_end", stop_there)
+
+
+def _run_stopped(task: str, settings, method: str = "none"):  # type: ignore[no-untyped-def]
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it has caught one
+    try:
+        return common.run_one(common.TASKS[task], common.Method(method, method, grokfast=method), 0, settings)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SIGTERMException], ids=["ctrl-c", "sigterm"])
 def test_a_stopped_run_keeps_its_curve_and_says_where_it_stopped(
     stop: type[BaseException], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    record = common.MilestoneCallback.on_validation_end
-
-    def stop_at_the_second_validation(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        record(self, trainer, pl_module)
-        if len(self.curve) == 2:
-            raise stop()
-
-    monkeypatch.setattr(common.MilestoneCallback, "on_validation_end", stop_at_the_second_validation)
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it has caught one
-    try:
-        settings = common.Settings(mode="smoke", max_steps=40, val_every=4)
-        result = common.run_one(common.TASKS["parity"], common.Method("none", "no filter"), 0, settings)
-    finally:
-        signal.signal(signal.SIGINT, sigint)
+    _stop_at_validation(2, stop, monkeypatch)
+    settings = common.Settings(mode="smoke", max_steps=40, val_every=4)
+    result = _run_stopped("parity", settings)
     assert result["interrupted"] and result["steps_run"] == 8 and result["cap"] == 8
     assert result["cap_requested"] == 40 and [s for s, _, _ in result["curve"]] == [4, 8]
     path = tmp_path / "stopped.json"
@@ -74,6 +83,23 @@ def test_a_stopped_run_keeps_its_curve_and_says_where_it_stopped(
     with pytest.raises(SystemExit, match="stopped at step 8"):
         common.stop_if_interrupted(result, path)
     common.stop_if_interrupted({"steps_run": 40}, path)  # a finished run goes on
+
+
+def test_a_checkpointed_run_continues_where_it_was_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def settings(folder: str) -> object:
+        return common.Settings(
+            mode="smoke", max_steps=24, val_every=4, checkpoint_dir=str(tmp_path / folder), checkpoint_every=4
+        )
+
+    uninterrupted = _run_stopped("modular", settings("once"), method="ema")
+    with monkeypatch.context() as patch:
+        _stop_at_validation(3, KeyboardInterrupt, patch)  # after step 12, saved at steps 4, 8, 12
+        stopped = _run_stopped("modular", settings("twice"), method="ema")
+    assert stopped["interrupted"] and stopped["steps_run"] == 12
+    continued = _run_stopped("modular", settings("twice"), method="ema")
+    assert "interrupted" not in continued and continued["steps_run"] == 24
+    assert continued["curve"] == uninterrupted["curve"]  # the same batches, filter state and milestones
+    assert continued["wall_s"] >= stopped["wall_s"] * 0.9  # the first part's seconds are counted
 
 
 def _run(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
