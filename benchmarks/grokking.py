@@ -52,6 +52,7 @@ from grokking_common import (
     add_checkpoint_arguments,
     cell,
     load_runs,
+    paired_speedups,
     plot_curves,
     row_commands,
     run_one,
@@ -112,18 +113,19 @@ def markdown(summary: dict[str, Any], seeds: int, val_every: int, commands: dict
         " cap. Speed-up: steps to 95 % without filter / with.",
         "",
         "| run | seeds | 50 % | 90 % | 95 % | time to 95 % | reached 95 % | speed-up vs no filter wd 0 | vs no filter,"
-        " same wd | paper: steps to 95 % | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " same wd (medians) | same wd, per seed | paper: steps to 95 % | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     baselines = {CONFIGS[n][1]: summary[n] for n in summary if is_baseline(n)}
     for name, entry in summary.items():
         method, weight_decay, paper_steps = CONFIGS[name]
         cap, marks = entry["cap"], entry["marks"]
         steps = marks["0.95"]["steps_median"]
-        vs_wd0 = vs_same = ""
+        vs_wd0 = vs_same = per_seed = ""
         if not is_baseline(name):
             vs_wd0 = speedup(baselines.get(0.0), steps, "0.95")
             vs_same = speedup(baselines.get(weight_decay), steps, "0.95")
+            per_seed = paired_speedups(baselines.get(weight_decay), entry, "0.95")
         paper = f"{paper_steps:,}" if paper_steps else ""
         if paper_steps and not is_baseline(name):
             paper += f" ({PAPER_BASELINE_STEPS / paper_steps:.0f}x vs wd 0)"
@@ -132,7 +134,7 @@ def markdown(summary: dict[str, Any], seeds: int, val_every: int, commands: dict
         lines.append(
             f"| {method.label} | {seed_list} | {cell(marks['0.5'], cap)} | {cell(marks['0.9'], cap)}"
             f" | {cell(marks['0.95'], cap)} | {cell(marks['0.95'], cap, 'seconds')} | {reached} | {vs_wd0}"
-            f" | {vs_same} | {paper} | {commands.get(name, '')} |"
+            f" | {vs_same} | {per_seed} | {paper} | {commands.get(name, '')} |"
         )
     return "\n".join([*lines, ""])
 

@@ -379,7 +379,8 @@ def _median(values: list[float]) -> float:
 
 def summarize_marks(rows: list[dict[str, Any]], marks: tuple[float, ...]) -> dict[str, Any]:
     """Per mark: how many runs reached it, median and range of steps and seconds (unreached counts as inf)."""
-    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows], "cap": max(r["cap"] for r in rows), "marks": {}}
+    out: dict[str, Any] = {"seeds": sorted(r["seed"] for r in rows), "cap": max(r["cap"] for r in rows), "marks": {}}
+    out["by_seed"] = {str(r["seed"]): {"cap": r["cap"], "steps_to": r["steps_to"]} for r in rows}
     for mark in map(str, marks):
         steps = sorted(math.inf if r["steps_to"][mark] is None else r["steps_to"][mark] for r in rows)
         secs = sorted(math.inf if r["seconds_to"][mark] is None else r["seconds_to"][mark] for r in rows)
@@ -424,6 +425,29 @@ def stop_if_interrupted(result: dict[str, Any], json_path: Path) -> None:
     """After saving ``result``: end the invocation (exit status 1) if that run was stopped by Ctrl-C or SIGTERM."""
     if result.get("interrupted"):
         raise SystemExit(f"[grokking] stopped at step {result['steps_run']:,}; the run so far is in {json_path}")
+
+
+def paired_speedups(base: dict[str, Any] | None, entry: dict[str, Any], mark: str) -> str:
+    """Per seed that both rows ran, the baseline's steps to ``mark`` / this row's, as ``seed: ratio`` in seed order.
+
+    ``> r``: the baseline did not reach the mark by its cap (a lower bound); ``< r``: this row did not (an upper
+    bound); ``n/a``: neither did. Unlike a ratio of medians, each figure compares one seed's two runs.
+    """
+    if base is None:
+        return ""
+    cells = []
+    for seed in sorted(set(base["by_seed"]) & set(entry["by_seed"]), key=int):
+        theirs, ours = base["by_seed"][seed], entry["by_seed"][seed]
+        b, o = theirs["steps_to"][mark], ours["steps_to"][mark]
+        if b is not None and o is not None:
+            cells.append(f"{seed}: {b / o:.1f}x")
+        elif o is not None:
+            cells.append(f"{seed}: > {theirs['cap'] / o:.1f}x")
+        elif b is not None:
+            cells.append(f"{seed}: < {b / ours['cap']:.1f}x")
+        else:
+            cells.append(f"{seed}: n/a")
+    return ", ".join(cells)
 
 
 def load_runs(path: Path, resume: bool, merge: list[Path] | None = None) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from grokking_common import (
     cell,
     load_runs,
     missing_requirement,
+    paired_speedups,
     row_commands,
     run_one,
     speedup,
@@ -75,8 +76,9 @@ METHODS: dict[str, Method] = {
 def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> str:
     """One table: per task and row, seeds, steps and time to the target, runs that reached it, speed-up."""
     lines = [
-        "| task | row | wd | seeds | steps to target | time to target | reached | speed-up vs no filter | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | row | wd | seeds | steps to target | time to target | reached | speed-up vs no filter (medians)"
+        " | per seed | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task_name, rows in summary.items():
         task = TASKS[task_name]
@@ -86,10 +88,12 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
             method, mark, cap = METHODS[name], entry["marks"][target], entry["cap"]
             weight_decay = task.weight_decay if method.weight_decay is None else method.weight_decay
             ratio = speedup(base, mark["steps_median"], target) if name != "none" else ""
+            per_seed = paired_speedups(base, entry, target) if name != "none" else ""
             lines.append(
                 f"| {task_name} ({float(target):.0%}) | {method.label} | {weight_decay:g}"
                 f" | {' '.join(map(str, entry['seeds']))} | {cell(mark, cap)} | {cell(mark, cap, 'seconds')}"
-                f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | {commands.get(f'{task_name}/{name}', '')} |"
+                f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | {per_seed}"
+                f" | {commands.get(f'{task_name}/{name}', '')} |"
             )
     return "\n".join([*lines, ""])
 

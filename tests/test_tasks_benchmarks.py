@@ -39,6 +39,19 @@ def test_speedup_is_a_lower_bound_when_the_baseline_hit_its_cap() -> None:
     assert common.speedup(reached, math.inf, "0.95") == ""
 
 
+def test_per_seed_speedups_pair_each_seed_and_bound_the_runs_that_hit_their_cap() -> None:
+    def runs(config: str, steps: list[int | None]) -> list[dict[str, object]]:
+        return [
+            {"config": config, "seed": s, "cap": 3000, "steps_to": {"0.95": n}, "seconds_to": {"0.95": n}}
+            for s, n in enumerate(steps)
+        ]
+
+    base = common.summarize_marks(runs("none", [None, 1800, 1200, None]), (0.95,))
+    ours = common.summarize_marks(runs("ema", [900, 1200, None, None, 700]), (0.95,))
+    assert common.paired_speedups(base, ours, "0.95") == "0: > 3.3x, 1: 1.5x, 2: < 0.4x, 3: n/a"
+    assert common.paired_speedups(None, ours, "0.95") == ""
+
+
 def test_rows_needing_callback_arguments_that_do_not_exist_are_reported_missing() -> None:
     needs_nothing = common.Method("none", "no filter")
     needs_unknown = common.Method("x", "x", grokfast={"filter": "ema"}, needs=("no_such_argument",))
