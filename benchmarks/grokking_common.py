@@ -174,6 +174,7 @@ class MilestoneCallback(Callback):
         self.curve: list[tuple[int, float, float]] = []  # (step, val_acc, train_acc)
         self._start = time.perf_counter()
         self._elapsed_before = 0.0  # training seconds of the run this one continues
+        self.continued_at: list[int] = []  # steps at which the run was continued from a checkpoint
 
     @property
     def elapsed(self) -> float:
@@ -182,14 +183,23 @@ class MilestoneCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter() - self._elapsed_before
+        if trainer.global_step > 0:
+            self.continued_at.append(trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "seconds": self.seconds, "curve": self.curve, "elapsed": self.elapsed}
+        return {
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "curve": self.curve,
+            "elapsed": self.elapsed,
+            "continued_at": self.continued_at,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps, self.seconds = dict(state_dict["steps"]), dict(state_dict["seconds"])
         self.curve = [(int(s), float(v), float(t)) for s, v, t in state_dict["curve"]]
         self._elapsed_before = float(state_dict["elapsed"])
+        self.continued_at = list(state_dict.get("continued_at", []))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -361,6 +371,8 @@ def run_one(
         "final_val_acc": milestones.curve[-1][1] if milestones.curve else None,
         "curve": milestones.curve,
     }
+    if milestones.continued_at:
+        result["continued_at"] = milestones.continued_at
     if trainer.interrupted:
         result["interrupted"] = True
         result["cap_requested"] = cap

@@ -106,11 +106,11 @@ def test_a_checkpointed_run_continues_where_it_was_stopped(monkeypatch: pytest.M
 
     uninterrupted = _run_stopped("modular", settings("once"), method="ema")
     with monkeypatch.context() as patch:
-        _stop_at_validation(3, KeyboardInterrupt, patch)  # after step 12, saved at steps 4, 8, 12
+        _stop_at_validation(3, KeyboardInterrupt, patch)  # at step 12, before its save: saved at 4, 8
         stopped = _run_stopped("modular", settings("twice"), method="ema")
     assert stopped["interrupted"] and stopped["steps_run"] == 12
     continued = _run_stopped("modular", settings("twice"), method="ema")
-    assert "interrupted" not in continued and continued["steps_run"] == 24
+    assert "interrupted" not in continued and continued["steps_run"] == 24 and continued["continued_at"] == [8]
     assert continued["curve"] == uninterrupted["curve"]  # the same batches, filter state and milestones
     assert continued["wall_s"] >= stopped["wall_s"] * 0.9  # the first part's seconds are counted
 
