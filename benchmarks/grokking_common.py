@@ -293,6 +293,9 @@ class SaveAfterValidation(Callback):
     def __init__(self, path: Path, every: int) -> None:
         self.path, self.every, self._saved_at = path, every, 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_at = trainer.global_step  # a continued run starts from a save at this step
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.global_step - self._saved_at < self.every:
             return
