@@ -1,8 +1,8 @@
 """The drop-in functions against the published ones: time per call of ``gradfilter_ema`` / ``gradfilter_ma``.
 
-``lightning_grokfast.functional`` (same arguments and contract as the paper's functions, O(1) moving average,
-non-finite guard) against the published algorithm as written in ``benchmarks/reference.py`` (one Python iteration
-per parameter, the window re-summed every step), on the paper's transformer and on a 5M-parameter MLP. Windows
+``lightning_grokfast.integrations.functional`` (same arguments and contract as the paper's functions, O(1) moving
+average, non-finite guard) against the published algorithm as written in ``benchmarks/reference.py`` (one Python
+iteration per parameter, the window re-summed every step), on the paper's transformer and on a 5M-parameter MLP. Windows
 start full (the steady state). Prints a markdown table and writes ``benchmarks/results/dropin.{json,md}``.
 
     python benchmarks/dropin.py              # about 2 minutes on a 2-core CPU
@@ -24,7 +24,7 @@ from common import environment
 from reference import gradfilter_ema_reference, gradfilter_ma_reference, prefilled_ma_state
 from torch import nn
 
-from lightning_grokfast.functional import gradfilter_ema, gradfilter_ma
+from lightning_grokfast.integrations.functional import gradfilter_ema, gradfilter_ma
 from lightning_grokfast.tasks import GrokTransformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,7 +82,7 @@ def measure(name: str, model: nn.Module, window: int | None, calls: int) -> dict
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | filter | ours (`lightning_grokfast.functional`) | published algorithm | speed-up |",
+        "| model | filter | ours (`lightning_grokfast.integrations.functional`) | published algorithm | speed-up |",
         "|---|---|---|---|---|",
     ]
     for r in rows:

@@ -3,7 +3,7 @@
 These are deliberately the straightforward algorithms of the paper (arXiv 2405.20233, Algorithms 1 and 2), not
 fast ones: one Python iteration per parameter, a fresh tensor for every intermediate, and a moving average that
 keeps ``window_size`` raw gradients per parameter and adds all of them up again at every step. They are the
-yardstick for ``lightning_grokfast.filters.GradientFilter`` (same numbers, less work) in ``benchmarks/overhead.py``
+yardstick for ``lightning_grokfast.core.filters.GradientFilter`` (same numbers, less work) in ``benchmarks/overhead.py``
 and in ``tests/test_benchmarks.py``.
 
 Both functions take the model and the filter state of the previous call (``None`` on the first call), update

@@ -1,7 +1,7 @@
 """Grokfast for PyTorch Lightning: amplify slow gradients so models grok sooner.
 
-The public names are imported lazily: ``from lightning_grokfast.filters import GradientFilter`` (or
-``lightning_grokfast.hook``, ``.functional``) loads torch alone, not Lightning, matplotlib or the CLI.
+The public names are imported lazily: ``from lightning_grokfast.core.filters import GradientFilter`` (or
+``lightning_grokfast.integrations.hook``, ``.functional``) loads torch alone, not Lightning, matplotlib or the CLI.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ __version__ = "0.2.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "FilterConfig": "lightning_grokfast.config",
-    "GradientFilter": "lightning_grokfast.filters",
-    "ParamState": "lightning_grokfast.state",
-    "StepInfo": "lightning_grokfast.state",
-    "GrokfastHandle": "lightning_grokfast.hook",
-    "attach_grokfast": "lightning_grokfast.hook",
-    "GrokfastCallback": "lightning_grokfast.callback",
-    "GrokkingDashboardCallback": "lightning_grokfast.dashboard",
-    "GrokkingDetectorCallback": "lightning_grokfast.detector",
-    "GrokkingStateMachine": "lightning_grokfast.detector",
+    "FilterConfig": "lightning_grokfast.core.config",
+    "GradientFilter": "lightning_grokfast.core.filters",
+    "ParamState": "lightning_grokfast.core.state",
+    "StepInfo": "lightning_grokfast.core.state",
+    "GrokfastHandle": "lightning_grokfast.integrations.hook",
+    "attach_grokfast": "lightning_grokfast.integrations.hook",
+    "GrokfastCallback": "lightning_grokfast.callbacks.grokfast",
+    "GrokkingDashboardCallback": "lightning_grokfast.callbacks.dashboard",
+    "GrokkingDetectorCallback": "lightning_grokfast.callbacks.detector",
+    "GrokkingStateMachine": "lightning_grokfast.callbacks.detector",
 }
 
 __all__ = [
@@ -40,13 +40,13 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from lightning_grokfast.callback import GrokfastCallback
-    from lightning_grokfast.config import FilterConfig
-    from lightning_grokfast.dashboard import GrokkingDashboardCallback
-    from lightning_grokfast.detector import GrokkingDetectorCallback, GrokkingStateMachine
-    from lightning_grokfast.filters import GradientFilter
-    from lightning_grokfast.hook import GrokfastHandle, attach_grokfast
-    from lightning_grokfast.state import ParamState, StepInfo
+    from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
+    from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback, GrokkingStateMachine
+    from lightning_grokfast.callbacks.grokfast import GrokfastCallback
+    from lightning_grokfast.core.config import FilterConfig
+    from lightning_grokfast.core.filters import GradientFilter
+    from lightning_grokfast.core.state import ParamState, StepInfo
+    from lightning_grokfast.integrations.hook import GrokfastHandle, attach_grokfast
 
 
 def __getattr__(name: str) -> Any:

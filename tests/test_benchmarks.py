@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_grokfast.filters import GradientFilter
+from lightning_grokfast.core.filters import GradientFilter
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

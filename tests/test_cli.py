@@ -12,8 +12,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback, GrokkingDetectorCallback
-from lightning_grokfast.cli import TASK_TRAINER_DEFAULTS, GrokfastCLI, TaskCLI, main
-from lightning_grokfast.losses import stablemax_cross_entropy
+from lightning_grokfast.cli.fit import TASK_TRAINER_DEFAULTS, GrokfastCLI, TaskCLI, main
 from lightning_grokfast.tasks import (
     DigitsDataModule,
     GrokTransformer,
@@ -22,6 +21,7 @@ from lightning_grokfast.tasks import (
     SparseParityDataModule,
     make_modular_dataset,
 )
+from lightning_grokfast.tasks.losses import stablemax_cross_entropy
 from tests.helpers import TinyModel
 from tests.test_dashboard import read_events, read_layout
 

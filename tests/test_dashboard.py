@@ -18,7 +18,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 from lightning_grokfast import GrokfastCallback, GrokkingDashboardCallback, GrokkingDetectorCallback
-from lightning_grokfast.dashboard import first_steps_reaching, plot_grokking
+from lightning_grokfast.callbacks.dashboard import first_steps_reaching, plot_grokking
 from lightning_grokfast.tasks import GrokTransformer, ModularArithmeticDataModule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_grokfast import GrokfastCallback, GrokkingDetectorCallback
-from lightning_grokfast.detector import _resolve
+from lightning_grokfast.callbacks.detector import _resolve
 from lightning_grokfast.tasks import GrokTransformer, ModularArithmeticDataModule
 
 # ---------------------------------------------------------------------- scripted metrics

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from lightning_grokfast.detector import (
+from lightning_grokfast.callbacks.detector import (
     PHASES,
     GrokkingStateMachine,
     Transition,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_grokfast import FilterConfig, GradientFilter, GrokfastCallback, attach_grokfast
-from lightning_grokfast.ops import orthogonalize_
+from lightning_grokfast.core.ops import orthogonalize_
 from tests.helpers import TinyModel, trainer
 
 
@@ -119,7 +119,7 @@ def test_every_option_is_off_by_default():
 
 
 def test_speedup_and_the_new_options_round_trip_through_yaml(tmp_path):
-    from lightning_grokfast.cli import TASK_TRAINER_DEFAULTS, GrokfastCLI
+    from lightning_grokfast.cli.fit import TASK_TRAINER_DEFAULTS, GrokfastCLI
 
     config = tmp_path / "speedup.yaml"
     config.write_text("grokfast:\n  filter: ma\n  speedup: 50\n  orthogonal: true\n  max_amplified_ratio: 3.0\n")

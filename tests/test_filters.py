@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.reference import ReferenceEMA, ReferenceMA
-from lightning_grokfast.filters import GradientFilter
+from lightning_grokfast.core.filters import GradientFilter
 
 SHAPES = {"layer.weight": (6, 5), "layer.bias": (6,), "head.weight": (3, 6)}
 

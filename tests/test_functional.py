@@ -1,4 +1,4 @@
-"""lightning_grokfast.functional: the paper's two functions, same contract, on the shared filter core."""
+"""lightning_grokfast.integrations.functional: the paper's two functions, same contract, on the shared filter core."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from benchmarks.reference import ReferenceEMA, ReferenceMA
-from lightning_grokfast.functional import FilterState, gradfilter_ema, gradfilter_ma
+from lightning_grokfast.integrations.functional import FilterState, gradfilter_ema, gradfilter_ma
 
 
 def make_model() -> nn.Module:

@@ -11,7 +11,12 @@ import lightning_grokfast
 
 
 @pytest.mark.parametrize(
-    "module", ["lightning_grokfast.filters", "lightning_grokfast.hook", "lightning_grokfast.functional"]
+    "module",
+    [
+        "lightning_grokfast.core.filters",
+        "lightning_grokfast.integrations.hook",
+        "lightning_grokfast.integrations.functional",
+    ],
 )
 def test_the_filter_core_imports_without_lightning_or_matplotlib(module):
     code = (
@@ -38,7 +43,7 @@ def test_the_version_has_one_source():
 
 
 def test_a_missing_extra_is_named():
-    from lightning_grokfast.validation import require
+    from lightning_grokfast.core.validation import require
 
     with pytest.raises(ImportError, match=r'pip install "lightning-grokfast\[dashboard\]"'):
         require("not_a_module_here", "dashboard", "The grokking figure")

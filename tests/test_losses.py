@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_grokfast.losses import LOSSES, get_loss, stablemax, stablemax_cross_entropy
+from lightning_grokfast.tasks.losses import LOSSES, get_loss, stablemax, stablemax_cross_entropy
 
 
 def _s(x: float) -> float:

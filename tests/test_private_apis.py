@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_grokfast.amp import scaler_found_inf
-from lightning_grokfast.lightning_utils import is_logging_step
+from lightning_grokfast.callbacks.utils import is_logging_step
+from lightning_grokfast.core.amp import scaler_found_inf
 from tests.helpers import TinyModel, trainer
 
 
@@ -42,7 +42,7 @@ def test_logger_connector_says_when_lightning_logs(tmp_path):
 
 
 def test_lightning_cli_internals_used_by_the_cli_exist():
-    # lightning_grokfast.cli calls these three LightningCLI methods (and only these private ones)
+    # lightning_grokfast.cli.fit calls these three LightningCLI methods (and only these private ones)
     assert list(inspect.signature(LightningCLI._get).parameters)[:3] == ["self", "config", "key"]
     assert "subcommand" in inspect.signature(LightningCLI._parser).parameters
     assert list(inspect.signature(LightningCLI._instantiate_trainer).parameters) == ["self", "config", "callbacks"]

@@ -7,7 +7,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from lightning_grokfast import attach_grokfast
-from lightning_grokfast.state import ParamState
+from lightning_grokfast.core.state import ParamState
 
 
 def test_the_state_initialising_step_of_get_optimizer_state_dict_does_not_run_the_filter():

@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from lightning_grokfast.losses import stablemax_cross_entropy
 from lightning_grokfast.tasks import (
     DigitsDataModule,
     EpochPermutationSampler,
@@ -25,6 +24,7 @@ from lightning_grokfast.tasks import (
     make_sparse_parity_dataset,
 )
 from lightning_grokfast.tasks.digits import load_digits_tensors
+from lightning_grokfast.tasks.losses import stablemax_cross_entropy
 from tests.helpers import trainer
 
 

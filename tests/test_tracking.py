@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_grokfast.tracking import TrainMetricTracker
+from lightning_grokfast.callbacks.tracking import TrainMetricTracker
 
 
 class CountHostReads(TorchDispatchMode):

@@ -23,10 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_grokfast.detector import GrokkingDetectorCallback
-from lightning_grokfast.lightning_utils import is_logging_step
-from lightning_grokfast.tracking import TrainMetricTracker
-from lightning_grokfast.validation import check_bool, require
+from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback
+from lightning_grokfast.callbacks.tracking import TrainMetricTracker
+from lightning_grokfast.callbacks.utils import is_logging_step
+from lightning_grokfast.core.validation import check_bool, require
 
 DEFAULT_MARKS: tuple[float, ...] = (0.5, 0.9, 0.95)
 _STATE_FORMAT = 1

@@ -1,8 +1,8 @@
-"""Grokking detection: the Lightning callback that feeds the state machine of :mod:`lightning_grokfast.phases`.
+"""Grokking detection: the Lightning callback that drives the state machine of :mod:`.phases`.
 
 :class:`GrokkingDetectorCallback` reads the metrics
 from the Trainer, makes every rank feed the machine the same numbers, boosts the
-:class:`~lightning_grokfast.callback.GrokfastCallback`'s ``lamb`` when grokking starts, adapts its ``alpha``
+:class:`~lightning_grokfast.callbacks.grokfast.GrokfastCallback`'s ``lamb`` when grokking starts, adapts its ``alpha``
 (optionally) and stops the run once train and validation have converged.
 """
 
@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_grokfast.callback import GrokfastCallback
-from lightning_grokfast.phases import (  # re-exported: the detector's public vocabulary
+from lightning_grokfast.callbacks.grokfast import GrokfastCallback
+from lightning_grokfast.callbacks.phases import (  # re-exported: the detector's public vocabulary
     GROKKING,
     MEMORIZING,
     PHASES,
@@ -32,8 +32,8 @@ from lightning_grokfast.phases import (  # re-exported: the detector's public vo
     Transition,
     default_grokking_signal,
 )
-from lightning_grokfast.tracking import TrainMetricTracker, lookup
-from lightning_grokfast.validation import check_bool, check_number
+from lightning_grokfast.callbacks.tracking import TrainMetricTracker, lookup
+from lightning_grokfast.core.validation import check_bool, check_number
 
 __all__ = [
     "PHASES",

@@ -1,4 +1,4 @@
-"""GrokfastCallback: the Lightning glue around the filter core (:mod:`lightning_grokfast.binding`)."""
+"""GrokfastCallback: the Lightning glue around the filter core (:mod:`lightning_grokfast.core.binding`)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grokfast.amp import scaler_found_inf
-from lightning_grokfast.binding import OptimizerBinding, ParamSelection
-from lightning_grokfast.config import FilterConfig, TunableSettings
-from lightning_grokfast.filters import GradientFilter, StepInfo, check_structure
-from lightning_grokfast.lightning_utils import is_logging_step, trainer_scaler
-from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
+from lightning_grokfast.callbacks.utils import is_logging_step, trainer_scaler
+from lightning_grokfast.core.amp import scaler_found_inf
+from lightning_grokfast.core.binding import OptimizerBinding, ParamSelection
+from lightning_grokfast.core.config import FilterConfig, TunableSettings
+from lightning_grokfast.core.filters import GradientFilter, StepInfo, check_structure
+from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
 
 _STATE_FORMAT = 2
 #: The user's configuration saved with each checkpoint (compared with the constructor's on resume).

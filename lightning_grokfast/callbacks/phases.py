@@ -2,7 +2,7 @@
 
 :class:`GrokkingStateMachine` takes the optimizer step, the validation metric and the train metric after each
 validation and returns events: phase transitions and marks reached. It can be tested on scripted metric sequences;
-:class:`~lightning_grokfast.detector.GrokkingDetectorCallback` feeds it inside a Trainer.
+:class:`~lightning_grokfast.callbacks.detector.GrokkingDetectorCallback` feeds it inside a Trainer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_grokfast.validation import as_float_list, check_bool, check_choice, check_int, check_number
+from lightning_grokfast.core.validation import as_float_list, check_bool, check_choice, check_int, check_number
 
 #: The phases, in the only order in which they can be entered.
 PHASES: tuple[str, ...] = ("warming_up", "memorizing", "grokking", "converged")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_grokfast.amp import scaler_found_inf
+from lightning_grokfast.core.amp import scaler_found_inf
 
 __all__ = ["is_logging_step", "scaler_found_inf", "trainer_scaler"]
 

@@ -31,9 +31,9 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_grokfast.callback import GrokfastCallback
-from lightning_grokfast.dashboard import GrokkingDashboardCallback
-from lightning_grokfast.detector import GrokkingDetectorCallback
+from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
+from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback
+from lightning_grokfast.callbacks.grokfast import GrokfastCallback
 from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
 from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
 
@@ -74,7 +74,7 @@ class GrokfastCLI(LightningCLI):
     Example::
 
         # my_cli.py; then: python my_cli.py fit --grokfast.lamb 5 --trainer.max_steps 1000
-        from lightning_grokfast.cli import GrokfastCLI
+        from lightning_grokfast.cli.fit import GrokfastCLI
 
         if __name__ == "__main__":
             GrokfastCLI(MyModel, MyDataModule)

@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_grokfast.config import FilterConfig
-from lightning_grokfast.filters import GradientFilter, ParamState, StepInfo
-from lightning_grokfast.optim_state import STATE_PREFIX, OptimizerStateLink, unwrap_optimizer
-from lightning_grokfast.sharding import check_saved_state, is_dtensor, local, saved_state
+from lightning_grokfast.core.config import FilterConfig
+from lightning_grokfast.core.filters import GradientFilter, ParamState, StepInfo
+from lightning_grokfast.core.optim_state import STATE_PREFIX, OptimizerStateLink, unwrap_optimizer
+from lightning_grokfast.core.sharding import check_saved_state, is_dtensor, local, saved_state
 
 __all__ = ["OptimizerBinding", "ParamSelection"]
 
@@ -67,7 +67,7 @@ class OptimizerBinding:
         selection: which parameters are taken and their ``lamb`` factors.
         prefix: prefix of the fallback names.
         owner: a description of who binds (used in error messages), e.g. ``"GrokfastCallback(filter='ema')"``.
-        extras: passed to :class:`~lightning_grokfast.optim_state.OptimizerStateLink`.
+        extras: passed to :class:`~lightning_grokfast.core.optim_state.OptimizerStateLink`.
         placeholders: build zero state for sharded parameters without state in ``state_dict()`` (load templates);
             default: the filter's fresh state for the local shard.
         resume_source: returns ``(checkpoint path, optimizer key)`` of a distributed checkpoint about to be loaded
@@ -188,7 +188,7 @@ class OptimizerBinding:
         """Filter the gradients present now (parameters without one are left alone, their state too).
 
         Returns:
-            The filter's :class:`~lightning_grokfast.filters.StepInfo`, or ``None`` when no parameter has a gradient.
+            The filter's :class:`~lightning_grokfast.StepInfo`, or ``None`` when no parameter has a gradient.
 
         """
         self.refresh()

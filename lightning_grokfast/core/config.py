@@ -1,7 +1,7 @@
 """The one validated configuration of a Grokfast filter, shared by every entry point.
 
 :class:`FilterConfig` is owned by whoever the user talks to (``GrokfastCallback``, the handle of
-``attach_grokfast``, a :class:`~lightning_grokfast.filters.GradientFilter`); the filters of every optimizer read the
+``attach_grokfast``, a :class:`~lightning_grokfast.GradientFilter`); the filters of every optimizer read the
 same object, so a change of ``lamb`` (e.g. a detector boost) reaches all of them at once. Pure Python and torch.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_grokfast.validation import (
+from lightning_grokfast.core.validation import (
     check_alpha,
     check_bool,
     check_choice,

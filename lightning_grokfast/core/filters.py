@@ -10,7 +10,7 @@ steps and adds it back, in place: ``g <- g + lamb * slow(g)``.
 * ``"none"``: no slow component (only the gradient transforms, e.g. ``orthogonal``).
 
 The state of each gradient is one :class:`ParamState` record. Work is grouped by device, dtype, amplification and
-window position, and done with the foreach functions of :mod:`lightning_grokfast.ops`, one call per group. A step
+window position, and done with the foreach functions of :mod:`lightning_grokfast.core.ops`, one call per group. A step
 whose gradients are not all finite is skipped whole, on every device alike: the state is unchanged, the window
 does not advance, nothing is added.
 """
@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_grokfast import ops
-from lightning_grokfast.config import FILTER_NAMES, MA_AGGREGATIONS, FilterConfig, TunableSettings
-from lightning_grokfast.state import ParamState, StepInfo
-from lightning_grokfast.validation import check_lamb
+from lightning_grokfast.core import ops
+from lightning_grokfast.core.config import FILTER_NAMES, MA_AGGREGATIONS, FilterConfig, TunableSettings
+from lightning_grokfast.core.state import ParamState, StepInfo
+from lightning_grokfast.core.validation import check_lamb
 
 __all__ = ["FILTER_NAMES", "MA_AGGREGATIONS", "FilterConfig", "GradientFilter", "ParamState", "StepInfo"]
 
@@ -75,9 +75,9 @@ class GradientFilter(TunableSettings):
     r"""Low-pass filter of gradients over optimizer steps, amplifying the slow part in place.
 
     Args:
-        filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"`` (see :class:`~lightning_grokfast.config.FilterConfig`).
-        config: a :class:`~lightning_grokfast.config.FilterConfig` to share (then pass no other argument).
-        \**kwargs: the other fields of :class:`~lightning_grokfast.config.FilterConfig` (``alpha``, ``lamb``,
+        filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"`` (see :class:`~lightning_grokfast.FilterConfig`).
+        config: a :class:`~lightning_grokfast.FilterConfig` to share (then pass no other argument).
+        \**kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
             ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``, ``resum_every``,
             ``check_finite``, ``orthogonal``, ``max_amplified_ratio``).
 

@@ -2,7 +2,7 @@
 
 As ``torch.optim.adam``'s ``_multi_tensor_adam``, these functions know nothing of names, parameters or checkpoints:
 every list holds tensors of one device and dtype, state lists are updated in place, and nothing reads a value back
-to the host. :class:`~lightning_grokfast.filters.GradientFilter` groups tensors and calls them; so does everything
+to the host. :class:`~lightning_grokfast.GradientFilter` groups tensors and calls them; so does everything
 built on it (the Lightning callback, ``attach_grokfast`` and the drop-in functions).
 """
 

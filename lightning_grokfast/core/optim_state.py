@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_grokfast.filters import GradientFilter, ParamState
-from lightning_grokfast.sharding import is_dtensor, to_global, to_local
+from lightning_grokfast.core.filters import GradientFilter, ParamState
+from lightning_grokfast.core.sharding import is_dtensor, to_global, to_local
 
 __all__ = ["STATE_PREFIX", "OptimizerStateLink", "param_index_map", "unwrap_optimizer"]
 
@@ -55,7 +55,7 @@ def param_index_map(
 
 
 class OptimizerStateLink:
-    """Keeps one :class:`~lightning_grokfast.filters.GradientFilter`'s state in an optimizer's ``state_dict``.
+    """Keeps one :class:`~lightning_grokfast.GradientFilter`'s state in an optimizer's ``state_dict``.
 
     Args:
         optimizer: the optimizer (wrappers with ``.optimizer`` are unwrapped).

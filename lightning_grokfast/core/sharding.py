@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_grokfast.config import FilterConfig
-from lightning_grokfast.state import ParamState
+from lightning_grokfast.core.config import FilterConfig
+from lightning_grokfast.core.state import ParamState
 
 __all__ = ["check_saved_state", "is_dtensor", "is_state_init_step", "local", "saved_state", "to_global", "to_local"]
 

@@ -8,7 +8,7 @@ skipped instead of poisoning the state.
 
 Example::
 
-    from lightning_grokfast.functional import gradfilter_ema
+    from lightning_grokfast.integrations.functional import gradfilter_ema
 
     grads = None
     for x, y in loader:
@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_grokfast.config import FilterConfig
-from lightning_grokfast.filters import GradientFilter
+from lightning_grokfast.core.config import FilterConfig
+from lightning_grokfast.core.filters import GradientFilter
 
 __all__ = ["FilterState", "gradfilter_ema", "gradfilter_ma"]
 

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_grokfast.amp import scaler_found_inf
-from lightning_grokfast.binding import OptimizerBinding, ParamSelection
-from lightning_grokfast.config import FilterConfig, TunableSettings
-from lightning_grokfast.filters import GradientFilter, StepInfo
-from lightning_grokfast.sharding import is_state_init_step
-from lightning_grokfast.validation import as_pattern_factors, as_pattern_list, check_bool, check_int
+from lightning_grokfast.core.amp import scaler_found_inf
+from lightning_grokfast.core.binding import OptimizerBinding, ParamSelection
+from lightning_grokfast.core.config import FilterConfig, TunableSettings
+from lightning_grokfast.core.filters import GradientFilter, StepInfo
+from lightning_grokfast.core.sharding import is_state_init_step
+from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_bool, check_int
 
 __all__ = ["GrokfastHandle", "attach_grokfast"]
 
@@ -27,10 +27,10 @@ class GrokfastHandle(TunableSettings):
     """What :func:`attach_grokfast` returns: the live settings, the filter, and :meth:`remove`.
 
     Attributes:
-        config: the filter's :class:`~lightning_grokfast.config.FilterConfig` (``lamb``, ``alpha``, ... settable).
+        config: the filter's :class:`~lightning_grokfast.FilterConfig` (``lamb``, ``alpha``, ... settable).
         start_step: first optimizer step (counted from 0) at which the slow part is added.
         enabled: on/off switch (off: gradients and state are left alone).
-        last_info: the :class:`~lightning_grokfast.filters.StepInfo` of the last step (device tensors).
+        last_info: the :class:`~lightning_grokfast.StepInfo` of the last step (device tensors).
 
     """
 
@@ -134,7 +134,7 @@ def attach_grokfast(
         model: gives the parameters their names (for ``exclude``, ``lamb_scale`` and readable errors); without it,
             parameters are called ``group{g}.param{j}``.
         alpha, lamb, window_size, ma_lamb, warmup, filter_type, normalize, state_dtype, resum_every, check_finite,
-            orthogonal, max_amplified_ratio: the filter settings of :class:`~lightning_grokfast.config.FilterConfig`.
+            orthogonal, max_amplified_ratio: the filter settings of :class:`~lightning_grokfast.FilterConfig`.
         exclude: a regular expression or a list of them; parameters whose name matches any are not filtered.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor``.
@@ -143,7 +143,7 @@ def attach_grokfast(
         scaler: the ``GradScaler`` used with ``scaler.step(optimizer)``; its verdict replaces the filter's own
             finite check (one pass over the gradients less).
         compute_norms: keep the raw and slow gradient norms of each step in ``handle.last_info``.
-        config: a ready :class:`~lightning_grokfast.config.FilterConfig` instead of the individual settings.
+        config: a ready :class:`~lightning_grokfast.FilterConfig` instead of the individual settings.
 
     Returns:
         A :class:`GrokfastHandle`: ``handle.lamb``/``handle.alpha`` are settable, ``handle.remove()`` detaches.

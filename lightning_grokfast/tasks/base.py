@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_grokfast.losses import LOSSES, get_loss
-from lightning_grokfast.validation import check_choice, check_int, check_number, require
+from lightning_grokfast.core.validation import check_choice, check_int, check_number, require
+from lightning_grokfast.tasks.losses import LOSSES, get_loss
 
 torchmetrics = require("torchmetrics", "tasks", "The built-in tasks")
 
@@ -33,7 +33,7 @@ class ClassificationTask(pl.LightningModule):
         betas: Adam betas.
         warmup_steps: linear learning-rate warm-up, in optimizer steps (0: none).
         optimizer: ``"adam"`` (coupled L2 weight decay) or ``"adamw"`` (decoupled).
-        loss: ``"cross_entropy"`` or ``"stablemax"`` (:func:`~lightning_grokfast.losses.stablemax_cross_entropy`).
+        loss: ``"cross_entropy"`` or ``"stablemax"`` (:func:`~lightning_grokfast.tasks.losses.stablemax_cross_entropy`).
 
     Raises:
         ValueError: If an argument is out of range.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from lightning_grokfast.validation import check_choice
+from lightning_grokfast.core.validation import check_choice
 
 __all__ = ["LOSSES", "get_loss", "stablemax", "stablemax_cross_entropy"]
 

@@ -7,8 +7,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from lightning_grokfast.core.validation import check_int, check_number
 from lightning_grokfast.tasks.base import ClassificationTask
-from lightning_grokfast.validation import check_int, check_number
 
 
 class MLPClassifier(ClassificationTask):

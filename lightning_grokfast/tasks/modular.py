@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from lightning_grokfast.core.validation import check_bool, check_int, check_number
 from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
-from lightning_grokfast.validation import check_bool, check_int, check_number
 
 OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "+": lambda x, y, p: (x + y) % p,

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from lightning_grokfast.core.validation import check_int
 from lightning_grokfast.tasks.base import SplitDataModule
-from lightning_grokfast.validation import check_int
 
 
 def make_sparse_parity_dataset(
