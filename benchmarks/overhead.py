@@ -54,6 +54,7 @@ from overhead_common import (
     block_schedule,
     paired_ratios,
 )
+from overhead_glue import run_glue_section
 from overhead_large import (
     run_large_section,
     run_window_section,
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_lightning()
 
     runners = {
+        "glue": run_glue_section,
         "trainer": run_trainer_section,
         "loop": run_loop_section,
         "large": run_large_section,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_grokfast.tasks import GrokTransformer
 
-SECTIONS = ("trainer", "loop", "large", "window")
+SECTIONS = ("glue", "trainer", "loop", "large", "window")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -84,6 +84,7 @@ class Settings:
     ma_memory_gb: float = 6.0
     large_rounds: int = 10
     window_iters: int = 10
+    glue_steps: int = 400
     anchors: bool = True
     smoke: bool = False
 

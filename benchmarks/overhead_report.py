@@ -72,6 +72,8 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
     """The README tables."""
     specs = filter_specs(settings.windows)
     lines: list[str] = headline_table(results, settings) if "trainer" in results or "large" in results else []
+    if "glue" in results:
+        lines += glue_table(results["glue"])
     for section, title in (
         ("trainer", "Training step of the paper's model through `Trainer.fit` (step with filter / step without)"),
         ("loop", "Training step of the paper's model in a plain PyTorch loop (step with filter / step without)"),
@@ -147,6 +149,24 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
             lines.append(f"| {name} | {copy_spread(row)} | {fmt_bytes(row['state_bytes_per_param'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def glue_table(glue: dict[str, Any]) -> list[str]:
+    """Entry point / bare filter step on the paper's model (steps alternate within one run)."""
+    lines = [
+        f"**Glue: entry point / bare `GradientFilter.step` on the paper's model** (medians over {glue['steps']}"
+        " alternating steps; goal: at most 1.0x + noise)",
+        "",
+        "| entry point | filter | entry point | bare filter step | ratio | glue |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in glue["variants"].items():
+        entry = key.split("/")[0]
+        lines.append(
+            f"| {entry} | {row['label']} | {fmt_ms(row['entry_s'])} | {fmt_ms(row['filter_s'])}"
+            f" | {row['ratio']:.2f}x | {fmt_ms(row['glue_s'])} |"
+        )
+    return [*lines, ""]
 
 
 def ratio_spread(row: dict[str, float] | None) -> str:

@@ -52,7 +52,9 @@ class GrokfastCallback(TunableSettings, Callback):
             filtered, e.g. ``"bias"`` or ``["bias", "norm"]``.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor`` (and ``ma_lamb * factor``).
-        state_dtype: dtype of the state for float16/bfloat16 gradients (``None``: keep the gradient's dtype).
+        state_dtype: dtype of the EMA and MA-window state: for float16/bfloat16 gradients (default float32), and
+            for every gradient when it is a 16-bit dtype (``"bfloat16"`` halves the state of a float32 model; the
+            MA running sum stays float32). ``None``: the gradient's dtype.
         log_stats: on Lightning's logging steps, log ``grokfast/lamb``, ``alpha``, ``grad_norm``, ``slow_norm``,
             ``slow_to_grad_ratio``, ``skipped_steps`` (and ``guard_scale`` with the divergence guard).
         resum_every: updates between exact re-summations of the moving-average running sum (default
@@ -63,6 +65,8 @@ class GrokfastCallback(TunableSettings, Callback):
             gradient's running norm (``None``: off).
         speedup: the authors' rule of thumb for a target acceleration ``N``: sets ``alpha`` (``alpha**N = 0.1``)
             and/or ``window_size`` (``N``) for the filter; leave ``alpha``/``window_size`` at their defaults then.
+        compile: with ``filter="ema"``, fuse the EMA update and its amplification into one kernel per tensor with
+            ``torch.compile`` (see :class:`~lightning_grokfast.core.config.FilterConfig`); the first step compiles.
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).
@@ -101,6 +105,7 @@ class GrokfastCallback(TunableSettings, Callback):
         orthogonal: bool = False,
         max_amplified_ratio: float | None = None,
         speedup: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         rule: dict[str, Any] = {}
@@ -122,6 +127,7 @@ class GrokfastCallback(TunableSettings, Callback):
             check_finite=check_finite,
             orthogonal=orthogonal,
             max_amplified_ratio=max_amplified_ratio,
+            compile=compile,
         )
         self.start_step = check_int(start_step, "start_step")
         self._enabled = check_bool(enabled, "enabled")
@@ -428,10 +434,17 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     for key in ("config", *_USER_FIELDS):
         before, after = saved.get(key), now.get(key)
         if key == "config" and isinstance(before, Mapping) and isinstance(after, Mapping):
-            out += [f"{k}: checkpoint {before.get(k)!r}, now {v!r}" for k, v in after.items() if before.get(k) != v]
+            out += [
+                f"{k}: checkpoint {before.get(k)!r}, now {v!r}"
+                for k, v in after.items()
+                if before.get(k, _FIELD_DEFAULTS.get(k)) != v  # a field newer than the checkpoint: its default
+            ]
         elif _plain(before) != _plain(after):
             out.append(f"{key}: checkpoint {before!r}, now {after!r}")
     return out
+
+
+_FIELD_DEFAULTS = FilterConfig().to_dict()
 
 
 def _plain(value: Any) -> Any:
