@@ -79,7 +79,7 @@ def ema_amplify_(ema: list[Tensor], grads: list[Tensor], weight: Tensor, coef: T
     slower than :func:`ema_update_` followed by :func:`add_scaled_`.
     """
     for state, grad in zip(ema, grads):
-        state.lerp_(grad.to(state.dtype), weight.to(state.dtype))
+        state.add_((grad.to(state.dtype) - state) * weight)
         grad.add_(state * coef)
 
 
