@@ -119,7 +119,7 @@ def _summary(entry_s: list[float], filter_s: list[float]) -> dict[str, float]:
 
 def run_glue_section(settings: Settings) -> dict[str, Any]:
     """EMA and MA (window ``settings.windows[0]``): callback / filter and hook / filter on the paper's model."""
-    steps = 20 if settings.smoke else settings.glue_steps
+    steps = settings.glue_steps
     out: dict[str, Any] = {"steps": steps, "variants": {}}
     runners: dict[str, Callable[[Settings, dict[str, Any], int], dict[str, float]]] = {
         "callback": run_callback,
@@ -128,5 +128,6 @@ def run_glue_section(settings: Settings) -> dict[str, Any]:
     for spec in filter_specs(settings.windows)[:2]:
         for entry, runner in runners.items():
             print(f"[overhead] glue: {entry} / filter, {spec.key}, {steps} steps")
-            out["variants"][f"{entry}/{spec.key}"] = {"label": spec.label, **runner(settings, _filter_kwargs(spec.ours), steps)}
+            row = runner(settings, _filter_kwargs(spec.ours), steps)
+            out["variants"][f"{entry}/{spec.key}"] = {"label": spec.label, **row}
     return out

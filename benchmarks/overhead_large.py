@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,14 +101,26 @@ class GradBench:
         return timed(self.restore, self.device), timed(fn, self.device)
 
 
-def ours_filter(bench: GradBench, spec: FilterSpec, found_inf: bool) -> tuple[GradientFilter, Callable[[], Any]]:
-    kwargs = dict(spec.ours)
+def ours_filter(
+    bench: GradBench, spec: FilterSpec, found_inf: bool, **extra: Any
+) -> tuple[GradientFilter, Callable[[], Any]]:
+    kwargs = {**spec.ours, **extra}
     filt = GradientFilter(kwargs.pop("filter"), **kwargs)
     names = bench.names
     verdict = torch.zeros((), device=bench.device) if found_inf else None
     for _ in range(spec.window):  # fill the window (no amplification, gradients untouched)
         filt.step(names, bench.grads(), amplify=False, found_inf=torch.zeros((), device=bench.device))
     return filt, lambda: filt.step(names, bench.grads(), found_inf=verdict)
+
+
+_FLOOR_STATE: dict[int, list[Tensor]] = {}
+
+
+def ema_floor(grads: list[Tensor]) -> None:
+    """The EMA's maths alone, as two foreach calls and nothing else (no check, no grouping): its foreach floor."""
+    state = _FLOOR_STATE.setdefault(id(grads[0]), [g.clone() for g in grads])
+    torch._foreach_lerp_(state, grads, 0.02)
+    torch._foreach_add_(grads, state, alpha=2.0)
 
 
 def reference_filter(bench: GradBench, spec: FilterSpec) -> tuple[dict[str, Any], Callable[[], Any]]:
@@ -131,6 +144,7 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     adamw = torch.optim.AdamW(bench.params, lr=1e-5, weight_decay=0.01)
     ours, ours_step = ours_filter(bench, ema, found_inf=False)
     ours_amp, ours_amp_step = ours_filter(bench, ema, found_inf=True)
+    _, ours_bf16_step = ours_filter(bench, ema, found_inf=False, state_dtype="bfloat16")
     ref_holder, ref_step = reference_filter(bench, ema)
 
     def norm_pass() -> None:
@@ -139,13 +153,22 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     variants: dict[str, Callable[[], Any]] = {
         "filter/ours EMA (check)": ours_step,
         "filter/ours EMA (found_inf)": ours_amp_step,
+        "filter/ours EMA bf16 state (check)": ours_bf16_step,
         "filter/reference EMA": ref_step,
         "filter/foreach_norm pass": norm_pass,
+        "filter/floor: lerp_ + add_ (2 foreach calls)": lambda: ema_floor(bench.grads()),
         "optimizer/AdamW": adamw.step,
         "optimizer/ours EMA (check) + AdamW": lambda: (ours_step(), adamw.step()),
         "optimizer/ours EMA (found_inf) + AdamW": lambda: (ours_amp_step(), adamw.step()),
         "optimizer/reference EMA + AdamW": lambda: (ref_step(), adamw.step()),
     }
+    if settings.compile:
+        _, ours_fused_step = ours_filter(bench, ema, found_inf=False, compile=True)
+        start = time.perf_counter()
+        ours_fused_step()  # compiles
+        print(f"[overhead] large: compiled the fused EMA step in {time.perf_counter() - start:.0f} s")
+        variants["filter/ours EMA compile=True (check)"] = ours_fused_step
+        variants["optimizer/ours EMA compile=True (check) + AdamW"] = lambda: (ours_fused_step(), adamw.step())
     anchor_optimizers: dict[str, torch.optim.Optimizer] = {}
     classes = anchor_classes() if settings.anchors else None
     if classes is not None:
@@ -188,6 +211,7 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     beyond_adamw = {
         "ours EMA (check) + AdamW": ours.state_bytes(),
         "ours EMA (found_inf) + AdamW": ours_amp.state_bytes(),
+        "ours EMA compile=True (check) + AdamW": ours.state_bytes(),
         "reference EMA + AdamW": reference_state_bytes(ref_holder["state"]),
         "GrokFastAdamW off": 0,
     }
@@ -246,4 +270,80 @@ def run_window_section(settings: Settings) -> dict[str, Any]:
             }
             del state, call
             gc.collect()  # free this filter's window before the next one
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- (b) ma
+def run_ma_section(settings: Settings) -> dict[str, Any]:
+    """MA window 100 alone / ``foreach_copy_`` on as many parameters as its float32 window fits in the budget.
+
+    Variants, interleaved: ours with the finiteness check (default), with a known verdict (AMP), with a bfloat16
+    window, the published algorithm, and the floor as foreach calls (sub, copy, add, add: the running-sum update
+    and the amplification, nothing else).
+    """
+    device = settings.device
+    small = settings.windows[0]
+    numel = min(settings.params, int(settings.ma_memory_gb * 1e9 / (4 * (small + 1)) / 2.6))  # 2.5 float32 windows
+    bench = GradBench(FlatModel(numel, device), device)
+    numel = bench.numel
+    spec = filter_specs(settings.windows)[1]
+    print(f"[overhead] ma: {numel / 1e6:.2f}M parameters, window {small}")
+    ours, ours_step = ours_filter(bench, spec, found_inf=False)
+    _, amp_step = ours_filter(bench, spec, found_inf=True)
+    bf16, bf16_step = ours_filter(bench, spec, found_inf=False, state_dtype="bfloat16")
+    sums = [torch.zeros_like(g) for g in bench.grads()]
+    slots = [torch.zeros_like(g) for g in bench.grads()]
+
+    def floor() -> None:
+        grads = bench.grads()
+        torch._foreach_sub_(sums, slots)
+        torch._foreach_copy_(slots, grads)
+        torch._foreach_add_(sums, slots)
+        torch._foreach_add_(grads, sums, alpha=0.05)
+
+    variants: dict[str, Callable[[], Any]] = {
+        f"ours MA w{small} (check)": ours_step,
+        f"ours MA w{small} (found_inf)": amp_step,
+        f"ours MA w{small} bf16 window (check)": bf16_step,
+        "floor: sub_, copy_, add_, add_ (4 foreach calls)": floor,
+    }
+    held = {
+        f"ours MA w{small} (check)": ours.state_bytes(),
+        f"ours MA w{small} bf16 window (check)": bf16.state_bytes(),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {key: [] for key in variants}
+    for r in range(settings.large_rounds + 2):
+        for key, fn in variants.items():
+            copy_s, fn_s = bench.measure(fn)
+            if r > 1:
+                samples[key].append((copy_s, fn_s))
+    out: dict[str, Any] = {"params": numel, "tensors": len(bench.params), "window": small, "filters": {}}
+    out["state_bytes"] = state_bytes_table(settings)
+    for key, rows in samples.items():
+        ratios = [fn_s / c_s for c_s, fn_s in rows]
+        out["filters"][key] = {
+            "time_s": median([s[1] for s in rows]),
+            "copy_s": median([s[0] for s in rows]),
+            "ratio_to_copy": median(ratios),
+            "ratio_to_copy_min": min(ratios),
+            "ratio_to_copy_max": max(ratios),
+            "state_bytes_per_param": held[key] / numel if key in held else math.nan,
+        }
+    return out
+
+
+def state_bytes_table(settings: Settings) -> dict[str, dict[str, float]]:
+    """Bytes of filter state per parameter, for every filter x gradient dtype x ``state_dtype`` (exact counts)."""
+    model = FlatModel(20_000, torch.device("cpu"))
+    numel = sum(p.numel() for p in model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    out: dict[str, dict[str, float]] = {}
+    for spec in filter_specs(settings.windows):
+        for grad_dtype in (torch.float32, torch.bfloat16):
+            for state_dtype in ("float32", "bfloat16", None):
+                kwargs = dict(spec.ours)
+                filt = GradientFilter(kwargs.pop("filter"), **kwargs, state_dtype=state_dtype)
+                filt.step(names, [torch.zeros_like(p, dtype=grad_dtype) for p in model.parameters()], amplify=False)
+                key = f"{spec.key} / grads {str(grad_dtype).removeprefix('torch.')}"
+                out.setdefault(key, {})[str(state_dtype)] = filt.state_bytes() / numel
     return out

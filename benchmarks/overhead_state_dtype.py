@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = TASKS["modular"]
     settings = Settings(seeds=args.seeds, max_steps=args.max_steps)
     runs: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
     started = time.perf_counter()
     for key in args.filters:
         kwargs, weight_decay = ROWS[key]
@@ -57,18 +58,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 method = Method(f"{key}_{dtype}", f"{key} state {dtype}", grokfast={**kwargs, "state_dtype": dtype})
                 result = run_one(task, method, seed, settings, weight_decay=weight_decay)
                 runs.append({**result, "filter": key, "state_dtype": dtype})
+                report = write(runs, argv, args.out_dir, args.stem, time.perf_counter() - started)  # after every run
+    print(markdown(runs))
+    return report
+
+
+def write(
+    runs: list[dict[str, Any]], argv: list[str] | None, out_dir: Path, stem: str, seconds: float
+) -> dict[str, Any]:
+    """Write the JSON (every run so far, without curves) and the markdown table."""
     command = " ".join(["python", "benchmarks/overhead_state_dtype.py", *(argv if argv is not None else sys.argv[1:])])
     report = {
         "command": command,
         "environment": environment("cpu"),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
     }
-    table = markdown(runs)
-    print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out_dir / f"{args.stem}.md").write_text(f"<!-- {command} -->\n{table}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{markdown(runs)}\n")
     return report
 
 

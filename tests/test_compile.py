@@ -43,7 +43,10 @@ def test_compile_option_gives_the_foreach_result():
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2)]
     names = [f"p{i}" for i in range(len(shapes))]
-    foreach, fused = GradientFilter("ema", alpha=0.9, lamb=2.0), GradientFilter("ema", alpha=0.9, lamb=2.0, compile=True)
+    foreach, fused = (
+        GradientFilter("ema", alpha=0.9, lamb=2.0),
+        GradientFilter("ema", alpha=0.9, lamb=2.0, compile=True),
+    )
     for step in range(6):
         grads = [torch.randn(s) for s in shapes]
         twins = [g.clone() for g in grads]

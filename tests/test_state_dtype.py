@@ -55,7 +55,10 @@ def test_default_state_of_float32_gradients_stays_float32():
 def test_bfloat16_ema_equals_float32_ema_within_two_percent_over_1000_steps():
     # EMA alpha 0.98: each step rounds the state to bfloat16 (relative 2**-9); the error stays bounded, as the
     # rounding of old steps decays with alpha. Stated tolerance: 2 % of the state's norm, 1 % of the filtered gradient.
-    full, half = GradientFilter("ema", alpha=0.98, lamb=2.0), GradientFilter("ema", alpha=0.98, lamb=2.0, state_dtype="bfloat16")
+    full, half = (
+        GradientFilter("ema", alpha=0.98, lamb=2.0),
+        GradientFilter("ema", alpha=0.98, lamb=2.0, state_dtype="bfloat16"),
+    )
     out_full, out_half = _run(full, 1000), _run(half, 1000)
     for name in NAMES:
         assert _relative(half.states[name].ema, full.states[name].ema) < 0.02
@@ -83,7 +86,9 @@ def test_bfloat16_window_running_sum_equals_a_fresh_sum_exactly():
     for _ in range(1000):
         grads = []
         for shape in SHAPES:
-            k = torch.randint(64, 128, shape, generator=generator) * (2 * torch.randint(0, 2, shape, generator=generator) - 1)
+            k = torch.randint(64, 128, shape, generator=generator) * (
+                2 * torch.randint(0, 2, shape, generator=generator) - 1
+            )
             u = (torch.rand(shape, generator=generator) - 0.5) * 2**-13
             grads.append(k / 1024 + u)
         filt.step(NAMES, grads)

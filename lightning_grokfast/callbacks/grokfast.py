@@ -254,10 +254,11 @@ class GrokfastCallback(TunableSettings, Callback):
         if not self.enabled:
             return
         binding = self._bindings.get(id(optimizer)) or self._bind(trainer, pl_module, optimizer)
-        self._check_once_per_step(trainer, optimizer)
+        step = trainer.global_step  # a chain of Lightning properties: read once per step
+        self._check_once_per_step(step, optimizer)
         compute_norms = self.log_stats and is_logging_step(trainer)
         info = binding.step(
-            amplify=trainer.global_step >= self.start_step,
+            amplify=step >= self.start_step,
             found_inf=self._found_inf(trainer, binding),
             compute_norms=compute_norms,
         )
@@ -317,14 +318,14 @@ class GrokfastCallback(TunableSettings, Callback):
         self._restore_counters(binding, index)
         return binding
 
-    def _check_once_per_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
-        if self._last_step.get(id(optimizer)) == trainer.global_step:
+    def _check_once_per_step(self, step: int, optimizer: Optimizer) -> None:
+        if self._last_step.get(id(optimizer)) == step:
             raise MisconfigurationException(
                 "GrokfastCallback saw `on_before_optimizer_step` twice for the same optimizer within one optimizer step"
-                f" (global_step={trainer.global_step}). This happens when the closure is evaluated several times per"
+                f" (global_step={step}). This happens when the closure is evaluated several times per"
                 " step, e.g. with LBFGS; the filter would be updated more than once per step. Not supported."
             )
-        self._last_step[id(optimizer)] = trainer.global_step
+        self._last_step[id(optimizer)] = step
 
     def _found_inf(self, trainer: pl.Trainer, binding: OptimizerBinding) -> Tensor | None:
         """The AMP scaler's verdict; under sharding without one, every rank's verdict, so all ranks agree."""
