@@ -118,7 +118,9 @@ _FLOOR_STATE: dict[int, list[Tensor]] = {}
 
 def ema_floor(grads: list[Tensor]) -> None:
     """The EMA's maths alone, as two foreach calls and nothing else (no check, no grouping): its foreach floor."""
-    state = _FLOOR_STATE.setdefault(id(grads[0]), [g.clone() for g in grads])
+    state = _FLOOR_STATE.get(id(grads[0]))
+    if state is None:
+        state = _FLOOR_STATE[id(grads[0])] = [g.clone() for g in grads]
     torch._foreach_lerp_(state, grads, 0.02)
     torch._foreach_add_(grads, state, alpha=2.0)
 
@@ -283,7 +285,8 @@ def run_ma_section(settings: Settings) -> dict[str, Any]:
     """
     device = settings.device
     small = settings.windows[0]
-    numel = min(settings.params, int(settings.ma_memory_gb * 1e9 / (4 * (small + 1)) / 2.6))  # 2.5 float32 windows
+    copies = 3.6 if settings.compile else 2.6  # float32 windows held at once (the bfloat16 one counts half)
+    numel = min(settings.params, int(settings.ma_memory_gb * 1e9 / (4 * (small + 1)) / copies))
     bench = GradBench(FlatModel(numel, device), device)
     numel = bench.numel
     spec = filter_specs(settings.windows)[1]
@@ -307,6 +310,12 @@ def run_ma_section(settings: Settings) -> dict[str, Any]:
         f"ours MA w{small} bf16 window (check)": bf16_step,
         "floor: sub_, copy_, add_, add_ (4 foreach calls)": floor,
     }
+    if settings.compile:
+        _, fused_step = ours_filter(bench, spec, found_inf=False, compile=True)
+        start = time.perf_counter()
+        fused_step()  # compiles
+        print(f"[overhead] ma: compiled the fused MA step in {time.perf_counter() - start:.0f} s")
+        variants[f"ours MA w{small} compile=True (check)"] = fused_step
     held = {
         f"ours MA w{small} (check)": ours.state_bytes(),
         f"ours MA w{small} bf16 window (check)": bf16.state_bytes(),

@@ -73,7 +73,7 @@ def test_compiled_callback_filters_like_the_foreach_callback():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"filter": "ma"}, "filter='ema'"),
+        ({"filter": "ema+ma"}, "filter='ema' or 'ma'"),
         ({"filter": "ema", "normalize": True}, "normalize"),
         ({"filter": "ema", "max_amplified_ratio": 2.0}, "max_amplified_ratio"),
         ({"filter": "ema", "compile": "yes"}, "`compile`"),
@@ -82,3 +82,23 @@ def test_compiled_callback_filters_like_the_foreach_callback():
 def test_compile_option_rejects_what_it_cannot_fuse(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FilterConfig(**{"compile": True, **kwargs})
+
+
+@needs_compiler
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_compile_option_gives_the_foreach_moving_average(state_dtype):
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    names = [f"p{i}" for i in range(len(shapes))]
+    kwargs = {"window_size": 3, "lamb": 5.0, "resum_every": 5, "state_dtype": state_dtype}
+    foreach, fused = GradientFilter("ma", **kwargs), GradientFilter("ma", **kwargs, compile=True)
+    for _ in range(12):  # warm-up, full window, a wrap of the ring, two re-summations
+        grads = [torch.randn(s) for s in shapes]
+        twins = [g.clone() for g in grads]
+        foreach.step(names, grads)
+        fused.step(names, twins)
+        for got, expected in zip(twins, grads):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    for name in names:
+        assert torch.equal(fused.states[name].ma_history, foreach.states[name].ma_history)
+        torch.testing.assert_close(fused.states[name].ma_sum, foreach.states[name].ma_sum, atol=1e-6, rtol=1e-6)

@@ -65,8 +65,9 @@ class GrokfastCallback(TunableSettings, Callback):
             gradient's running norm (``None``: off).
         speedup: the authors' rule of thumb for a target acceleration ``N``: sets ``alpha`` (``alpha**N = 0.1``)
             and/or ``window_size`` (``N``) for the filter; leave ``alpha``/``window_size`` at their defaults then.
-        compile: with ``filter="ema"``, fuse the EMA update and its amplification into one kernel per tensor with
-            ``torch.compile`` (see :class:`~lightning_grokfast.core.config.FilterConfig`); the first step compiles.
+        compile: with ``filter="ema"`` or ``"ma"``, fuse the state update and its amplification into one kernel
+            per tensor with ``torch.compile`` (see :class:`~lightning_grokfast.core.config.FilterConfig`); the first
+            step compiles.
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).

@@ -62,14 +62,15 @@ class FilterConfig:
             component along the parameter and rescale the result to the original gradient norm.
         max_amplified_ratio: divergence guard: when the added slow term's norm exceeds this multiple of the raw
             gradient's running norm, scale it down to that bound for the step (``None``: off).
-        compile: with ``filter="ema"``, run the EMA update and its amplification as one kernel per tensor made by
-            ``torch.compile`` (the gradient and the state are read and written once; the finiteness check stays
-            one foreach pass); not with ``normalize`` or ``max_amplified_ratio``. The first
+        compile: with ``filter="ema"`` or ``"ma"``, run the state update and its amplification as one kernel per
+            tensor made by ``torch.compile`` (the gradient and the state are read and written once; the finiteness
+            check stays one foreach pass; MA warm-up steps and re-summations use the foreach path); not with
+            ``normalize`` or ``max_amplified_ratio``. The first
             step compiles (seconds; on CPU up to a minute, and it needs a C++ compiler).
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range), or ``compile=True``
-            is combined with another filter than ``"ema"``, ``normalize`` or ``max_amplified_ratio``.
+            is combined with ``"ema+ma"``/``"none"``, ``normalize`` or ``max_amplified_ratio``.
 
     Example::
 
@@ -98,9 +99,11 @@ class FilterConfig:
         super().__setattr__(name, checker(value) if checker is not None else value)
 
     def __post_init__(self) -> None:
-        if self.compile and (self.filter != "ema" or self.normalize or self.max_amplified_ratio is not None):
+        if self.compile and (
+            self.filter not in ("ema", "ma") or self.normalize or self.max_amplified_ratio is not None
+        ):
             raise ValueError(
-                "`compile=True` fuses the EMA step: it needs filter='ema' without `normalize` or"
+                "`compile=True` fuses the EMA or MA step: it needs filter='ema' or 'ma' without `normalize` or"
                 f" `max_amplified_ratio` (got filter={self.filter!r}, normalize={self.normalize},"
                 f" max_amplified_ratio={self.max_amplified_ratio})."
             )

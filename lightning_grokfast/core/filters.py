@@ -305,7 +305,12 @@ class GradientFilter(TunableSettings):
     def _fuses_ema(self) -> bool:
         """Whether this step runs the EMA update and its amplification as one compiled kernel (``compile=True``)."""
         config = self.config
-        return config.compile and config.filter == "ema" and not config.normalize and config.max_amplified_ratio is None
+        return (
+            config.compile
+            and config.filter in ("ema", "ma")
+            and not config.normalize
+            and config.max_amplified_ratio is None
+        )
 
     def _update_state(self, group: _Group, grads: list[Tensor], fuse: bool = False) -> list[_Term]:
         """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add.
@@ -332,16 +337,25 @@ class GradientFilter(TunableSettings):
             terms.append(_Term(group.ema, lamb_ema, 1.0))
         if config.uses_ma:
             first = group.states[0]
-            ops.ma_update_(group.ma_sum, group.slot(first.ma_index), grads)
             index, count = (first.ma_index + 1) % config.window_size, min(first.ma_count + 1, config.window_size)
             updates = first.ma_updates + 1
+            resum = updates % config.resum_interval == 0
+            added = not (config.warmup and count < config.window_size)
+            unit = 1.0 / count if config.filter_type == "mean" else 1.0
+            slot = group.slot(first.ma_index)
+            if fuse and added and not resum and lamb_ma * unit != 0.0:
+                ops.compiled_ma_amplify()(
+                    group.ma_sum, slot, grads, self._fused_scalars(0.0, lamb_ma * unit, grads[0].device)[1]
+                )
+            else:
+                fuse = False
+                ops.ma_update_(group.ma_sum, slot, grads)
             for state in group.states:
                 state.ma_index, state.ma_count, state.ma_updates = index, count, updates
-            if updates % config.resum_interval == 0:
+            if resum:
                 ops.ma_resum_(group.ma_sum, group.windows)
-            if not (config.warmup and count < config.window_size):
-                unit = 1.0 / count if config.filter_type == "mean" else 1.0
-                terms.append(_Term(group.ma_sum, lamb_ma, unit))
+            if added:
+                terms.append(_Term(group.ma_sum, lamb_ma, unit, added=fuse))
         return terms
 
     def _fused_scalars(self, weight: float, coef: float, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -18,9 +18,11 @@ __all__ = [
     "add_scaled_",
     "all_finite",
     "compiled_ema_amplify",
+    "compiled_ma_amplify",
     "ema_amplify_",
     "ema_update_",
     "global_norm",
+    "ma_amplify_",
     "ma_resum_",
     "ma_update_",
     "norms",
@@ -94,7 +96,36 @@ def compiled_ema_amplify() -> Any:
     """
     fn = _COMPILED.get("ema_amplify_")
     if fn is None:
-        fn = _COMPILED["ema_amplify_"] = torch.compile(ema_amplify_, fullgraph=True)
+        fn = _COMPILED["ema_amplify_"] = torch.compile(
+            ema_amplify_, fullgraph=True, options={"emulate_precision_casts": True}
+        )
+    return fn
+
+
+def ma_amplify_(ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor], coef: Tensor) -> None:
+    """:func:`ma_update_` then ``grad <- grad + coef * sum``, one tensor at a time, for ``torch.compile``.
+
+    Compiled (:func:`compiled_ma_amplify`), each tensor's body is one kernel: the gradient, the oldest slot and the
+    sum are read once, the sum, the slot and the gradient written once (the 6 passes of the memory floor, instead
+    of the 11 of four foreach calls). The same operations in the same order as the foreach path, so the running sum
+    still adds exactly what the slot keeps. ``coef`` is a 0-dim float32 tensor (no recompilation when it changes).
+    """
+    for total, slot, grad in zip(ma_sum, oldest, grads):
+        total.sub_(slot)
+        slot.copy_(grad)
+        total.add_(slot)
+        grad.add_(total * coef)
+
+
+def compiled_ma_amplify() -> Any:
+    """:func:`ma_amplify_` compiled by ``torch.compile`` (``fullgraph=True``), built once per process."""
+    fn = _COMPILED.get("ma_amplify_")
+    if fn is None:
+        # emulate_precision_casts: the sum must add the slot's rounded (e.g. bfloat16) value, not the float32
+        # gradient that Inductor would otherwise keep in registers
+        fn = _COMPILED["ma_amplify_"] = torch.compile(
+            ma_amplify_, fullgraph=True, options={"emulate_precision_casts": True}
+        )
     return fn
 
 
