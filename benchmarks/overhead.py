@@ -67,9 +67,9 @@ from overhead_common import (
 from overhead_glue import run_glue_section
 from overhead_large import (
     run_large_section,
-    run_ma_section,
     run_window_section,
 )
+from overhead_ma import run_ma_section
 from overhead_report import (
     markdown,
 )
