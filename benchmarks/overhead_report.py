@@ -118,6 +118,11 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
                     if not math.isnan(row.get("filter_share", math.nan))
                 ),
             ]
+        if "ours/ema_compile" in variants:
+            row = variants["ours/ema_compile"]
+            lines.append(
+                f"| EMA, `compile=True` | {ratio_spread(row)} | n/a | {fmt_bytes(row.get('state_bytes_per_param'))} | |"
+            )
         anchors = results[section].get("anchors") or {}
         for name, row in anchors.items():
             lines.append(f"| anchor: {name} | {ratio_spread(row)} | | | |")
