@@ -109,3 +109,17 @@ def test_bfloat16_window_running_sum_drifts_by_float32_rounding_only():
         scale = state.ma_history.float().abs().sum(dim=0).max()
         ulp = float(torch.finfo(torch.float32).eps * scale)
         assert float((state.ma_sum.double() - fresh).abs().max()) <= 16 * ulp
+
+
+def test_float32_state_from_a_checkpoint_continues_in_bfloat16():
+    full = GradientFilter("ema+ma", window_size=4)
+    _run(full, 6)
+    half = GradientFilter("ema+ma", window_size=4, state_dtype="bfloat16")
+    half.load_state_dict(full.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    half.step(NAMES, [torch.randn(s, generator=generator) for s in SHAPES])
+    for name in NAMES:
+        state = half.states[name]
+        assert state.ema.dtype == state.ma_history.dtype == torch.bfloat16
+        # re-anchored on the rounded window, then one running update (float32 rounding only)
+        torch.testing.assert_close(state.ma_sum, state.ma_history.float().sum(dim=0), atol=1e-6, rtol=1e-6)

@@ -178,11 +178,21 @@ class GradientFilter(TunableSettings):
         return plan
 
     def _state_for(self, name: str, grad: Tensor) -> ParamState:
-        """The record of ``name``, created (zeros, not started) for a name seen for the first time."""
+        """The record of ``name``, created (zeros, not started) for a name seen for the first time.
+
+        A record restored from a checkpoint made with another ``state_dtype`` is converted to this filter's (once,
+        when the plan is built), so a run can switch to a bfloat16 state on resume.
+        """
         state = self._states.get(name)
         if state is None:
             state = self._states[name] = self.empty_state(grad)
         _check_state_fits(name, state, grad, self.config)
+        dtype = self._state_dtype_for(grad)
+        if state.ema is not None and state.ema.dtype != dtype:
+            state.ema = state.ema.to(dtype)
+        if state.ma_history is not None and state.ma_history.dtype != dtype:
+            state.ma_history = state.ma_history.to(dtype)
+            torch.sum(state.ma_history, dim=0, dtype=state.ma_sum.dtype, out=state.ma_sum)  # what the window keeps
         return state
 
     def empty_state(self, like: Tensor) -> ParamState:
