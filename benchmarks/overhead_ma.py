@@ -18,7 +18,8 @@ from lightning_grokfast import GradientFilter
 def run_ma_section(settings: Settings) -> dict[str, Any]:
     """MA window 100 alone / ``foreach_copy_`` on as many parameters as its float32 window fits in the budget.
 
-    Variants, interleaved: ours with the finiteness check (default), with a bfloat16 window, with ``compile=True``,
+    Variants, interleaved over ``6 * --large-rounds`` rounds: ours with the finiteness check (default), with a
+    bfloat16 window, with ``compile=True``,
     and the floor as foreach calls (sub, copy, add, add over a ring of slots: the running-sum update and the
     amplification, nothing else). The found_inf (AMP) variant is in the ``window`` section.
     """
@@ -61,7 +62,7 @@ def run_ma_section(settings: Settings) -> dict[str, Any]:
         f"ours MA w{small} bf16 window (check)": bf16.state_bytes(),
     }
     samples: dict[str, list[tuple[float, float]]] = {key: [] for key in variants}
-    for r in range(settings.large_rounds + 2):
+    for r in range(6 * settings.large_rounds + 2):  # cheap rounds; many, as the spread is wide
         for key, fn in variants.items():
             copy_s, fn_s = bench.measure(fn)
             if r > 1:
