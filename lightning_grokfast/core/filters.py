@@ -190,7 +190,7 @@ class GradientFilter(TunableSettings):
         dtype = self._state_dtype_for(grad)
         if state.ema is not None and state.ema.dtype != dtype:
             state.ema = state.ema.to(dtype)
-        if state.ma_history is not None and state.ma_history.dtype != dtype:
+        if state.ma_history is not None and state.ma_sum is not None and state.ma_history.dtype != dtype:
             state.ma_history = state.ma_history.to(dtype)
             torch.sum(state.ma_history, dim=0, dtype=state.ma_sum.dtype, out=state.ma_sum)  # what the window keeps
         return state
