@@ -44,7 +44,7 @@ class _Term(NamedTuple):
     tensors: list[Tensor]
     lamb: float
     unit: float
-    added: bool = False  # already added to the gradients (the fused EMA step of ``compile=True``)
+    added: bool = False  # already added to the gradients (the fused kernel of ``compile=True``)
 
     @property
     def coef(self) -> float:
@@ -313,7 +313,7 @@ class GradientFilter(TunableSettings):
         return None
 
     def _fuses_ema(self) -> bool:
-        """Whether this step runs the EMA update and its amplification as one compiled kernel (``compile=True``)."""
+        """Whether the EMA or MA update and its amplification run as one compiled kernel (``compile=True``)."""
         config = self.config
         return (
             config.compile
@@ -325,7 +325,8 @@ class GradientFilter(TunableSettings):
     def _update_state(self, group: _Group, grads: list[Tensor], fuse: bool = False) -> list[_Term]:
         """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add.
 
-        With ``fuse`` (and an EMA already started) the EMA term is added here, by the compiled fused kernel.
+        With ``fuse`` the slow term is added here by the compiled kernel (not on an EMA's first step, MA warm-up
+        steps or re-summation steps, which take the foreach path).
         """
         config = self.config
         lamb_ema, lamb_ma = config.amplifications(group.lamb_scale)
