@@ -115,6 +115,8 @@ class OptimizerBinding:
             before_access=self.refresh,
         )
         self.refresh()
+        #: warn once when a step finds no gradient at all (entry points where that means a misplaced filter)
+        self.warn_when_empty = False
         self._warned_empty = False
 
     def refresh(self, names: Mapping[int, str] | None = None) -> bool:
@@ -233,7 +235,7 @@ class OptimizerBinding:
         )
 
     def _warn_nothing_to_filter(self) -> None:
-        if not self._warned_empty and self.params:
+        if self.warn_when_empty and not self._warned_empty and self.params:
             self._warned_empty = True
             warnings.warn(
                 f"{self.owner}: the optimizer stepped, but none of its {len(self.params)} filtered parameters had a"

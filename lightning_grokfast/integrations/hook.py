@@ -64,6 +64,7 @@ class GrokfastHandle(TunableSettings):
             extras=(self._counters, self._load_counters),
         )
         self.optimizer = self._binding.optimizer
+        self._binding.warn_when_empty = True  # (in Lightning, a training_step returning None skips on purpose)
         try:  # state that optimizer.load_state_dict() loaded before this attach (load-then-attach scripts)
             self._binding.adopt()
         except ValueError:
