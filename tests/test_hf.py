@@ -180,3 +180,56 @@ def test_exclude_and_start_step_select_what_is_filtered(tmp_path):
         trainer.train()
     names = set(callback.handle.filter.states)
     assert names and not any(n.endswith(".bias") or "ln_" in n for n in names)
+
+
+def _bfloat16_trainer(out: Path, *, given_optimizer: bool) -> transformers.Trainer:
+    """A GPT-2 whose parameters are bfloat16 (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives)."""
+    model = tiny_gpt2().to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2) if given_optimizer else None
+    trainer = make_trainer(out, GrokfastTrainerCallback(filter="ema", alpha=0.8, lamb=2.0))
+    return transformers.Trainer(
+        model=model,
+        args=trainer.args,
+        train_dataset=TokenData(),
+        callbacks=[GrokfastTrainerCallback(filter="ema", alpha=0.8, lamb=2.0)],
+        optimizers=(optimizer, None),
+    )
+
+
+def test_bfloat16_parameters_resume_exactly_when_the_trainer_is_given_the_optimizer(tmp_path):
+    straight = _bfloat16_trainer(tmp_path / "a", given_optimizer=True)
+    straight.train()
+    resumed = _bfloat16_trainer(tmp_path / "b", given_optimizer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # attached before the load: nothing was rounded
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, GrokfastTrainerCallback))
+    assert {s.ema.dtype for s in callback.handle.filter.states.values()} == {torch.float32}
+    assert max_difference(weights(resumed), weights(straight)) == 0.0
+
+
+def test_bfloat16_parameters_of_a_trainer_made_optimizer_warn_how_to_resume_exactly(tmp_path):
+    _bfloat16_trainer(tmp_path / "a", given_optimizer=False).train()
+    resumed = _bfloat16_trainer(tmp_path / "b", given_optimizer=False)
+    with pytest.warns(
+        UserWarning, match=r"rounded state\. To resume exactly, .* `Trainer\(optimizers=\(optimizer, None\)\)`"
+    ):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+
+
+def test_a_second_trainer_filters_the_same_model_once_the_first_has_finished(tmp_path):
+    first = make_trainer(tmp_path / "a", GrokfastTrainerCallback(filter="ema"), save_strategy="no", max_steps=2)
+    first.train()
+    callback = GrokfastTrainerCallback(filter="ma", window_size=2)
+    second = transformers.Trainer(model=first.model, args=first.args, train_dataset=TokenData(), callbacks=[callback])
+    second.train()  # `first` is still alive, and its optimizer still carries its filter
+    assert callback.handle.filter.steps == 2
+
+
+def test_train_called_again_on_the_same_trainer_continues_the_filter_with_its_optimizer(tmp_path):
+    callback = GrokfastTrainerCallback(filter="ema")
+    trainer = make_trainer(tmp_path, callback, save_strategy="no", max_steps=2)
+    trainer.train()
+    handle = callback.handle
+    trainer.train()  # the Trainer keeps its optimizer (and its moments), so the filter goes on too
+    assert callback.handle is handle and handle.filter.steps == 4

@@ -13,6 +13,7 @@ clipping (``max_grad_norm``) -> the filter (``g <- g + lamb * slow(g)``, on the 
 from __future__ import annotations
 
 import gc
+import warnings
 from typing import Any
 
 import torch
@@ -154,10 +155,24 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
         return cls(filter, speedup=speedup, **kwargs)
 
     # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Attach already when the Trainer was given its optimizer (``Trainer(optimizers=(optimizer, ...))``).
+
+        A checkpoint is then loaded through the filter's own load hook, which keeps the float32 state of bfloat16
+        or float16 parameters exactly (an attach after the load finds it cast to the parameters' dtype).
+        """
+        if kwargs.get("optimizer") is not None:
+            self._attach(kwargs.get("model"), kwargs["optimizer"])
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Attach to the Trainer's optimizer, adopting the filter state a resume has just loaded into it."""
         self._attach(kwargs.get("model"), kwargs.get("optimizer"))
         self._log_before_reporters()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Leave the model's parameters free for another filter (a later Trainer on the same model)."""
+        if self.handle is not None:
+            self.handle.unclaim()  # the hook stays: a second `train()` continues, and claims them again
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Ask the filter for its gradient norms only on the steps the Trainer will log."""
@@ -185,14 +200,24 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
             if self.handle.optimizer is unwrap_optimizer(optimizer):
                 return  # train() called again on the same Trainer: the filter goes on
             self.handle.remove()
-        self.handle = attach_grokfast(
-            optimizer,
-            config=self.config,
-            model=model if isinstance(model, torch.nn.Module) else None,
-            exclude=self.exclude,
-            lamb_scale=self.lamb_scale,
-            start_step=self.start_step,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.handle = attach_grokfast(
+                optimizer,
+                config=self.config,
+                model=model if isinstance(model, torch.nn.Module) else None,
+                exclude=self.exclude,
+                lamb_scale=self.lamb_scale,
+                start_step=self.start_step,
+            )
+        for warning in caught:  # the Trainer loaded the checkpoint before this attach: say how to avoid that here
+            message = str(warning.message)
+            if "rounded state" in message:
+                message = message.split(" Attach first")[0] + (
+                    " To resume exactly, create the optimizer yourself and pass it as"
+                    " `Trainer(optimizers=(optimizer, None))`: the callback then attaches before the Trainer loads."
+                )
+            warnings.warn(message, warning.category, stacklevel=2)
 
     def _log_before_reporters(self) -> None:
         """Move this callback ahead of the ``report_to`` callbacks, so that they receive the numbers it adds.

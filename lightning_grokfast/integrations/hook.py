@@ -89,6 +89,14 @@ class GrokfastHandle(TunableSettings):
             self._hook = None
             self._binding.release()
 
+    def unclaim(self) -> None:
+        """Leave the parameters free for another filter until this handle's next step (which claims them again).
+
+        The hook and the checkpoint link stay, e.g. when a Hugging Face ``trainer.train()`` ends: another trainer may
+        then filter the same model, while this optimizer's state dict still carries the filter state.
+        """
+        self._binding.unclaim()
+
     # ------------------------------------------------------------------ the hook
     def _before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.enabled or is_state_init_step(self.optimizer):
