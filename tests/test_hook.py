@@ -323,3 +323,34 @@ def test_a_step_with_no_gradient_to_filter_warns_once():
         warnings.simplefilter("error")
         optimizer.step()  # said once
     assert handle.filter.steps == 0
+
+
+def test_a_refused_attach_leaves_the_loaded_state_and_the_optimizer_unhooked():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach_grokfast(optimizer, model=model, filter="ema")
+    train(model, optimizer, range(2))
+    saved = round_trip(optimizer.state_dict())
+    handle.remove()
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    fresh.load_state_dict(saved)
+    with pytest.raises(ValueError, match="this filter is 'ma'"):
+        attach_grokfast(fresh, model=model, filter="ma")
+    assert not fresh._optimizer_step_pre_hooks and not fresh._optimizer_state_dict_post_hooks
+    assert attach_grokfast(fresh, model=model, filter="ema").filter.steps == 2  # the right filter still adopts it
+
+
+def test_a_closure_passed_by_keyword_is_filtered_too():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach_grokfast(optimizer, model=model, filter="ema")
+    x, y = batch(0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert optimizer.step(closure=closure) is not None
+    assert handle.filter.steps == 1 and len(handle.filter.states) == 4
