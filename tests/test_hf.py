@@ -233,3 +233,22 @@ def test_train_called_again_on_the_same_trainer_continues_the_filter_with_its_op
     handle = callback.handle
     trainer.train()  # the Trainer keeps its optimizer (and its moments), so the filter goes on too
     assert callback.handle is handle and handle.filter.steps == 4
+
+
+@pytest.mark.timeout(180)
+def test_two_ddp_processes_hold_identical_filter_state(tmp_path):
+    """A real 2-process (gloo) Trainer run: every rank filters the same all-reduced gradients."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*command, str(worker), str(tmp_path)], check=True, capture_output=True, timeout=170)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
+    assert ranks[0]["filter"].keys() == ranks[1]["filter"].keys() and ranks[0]["filter"]
+    for name, entry in ranks[0]["filter"].items():
+        for key, value in entry.items():
+            other = ranks[1]["filter"][name][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
+    assert all(torch.equal(w, ranks[1]["weights"][n]) for n, w in ranks[0]["weights"].items())
