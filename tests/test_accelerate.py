@@ -84,3 +84,19 @@ def test_accelerator_save_state_and_load_state_resume_exactly(tmp_path, attach_f
     _train(accelerator, resumed, optimizer, range(4, 8))
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
+
+
+def test_accelerate_gradient_accumulation_filters_once_per_synchronised_step():
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.01))
+    handle = attach_grokfast(optimizer, model=model, filter="ema", alpha=0.8)
+    for step in range(6):  # 6 micro-batches = 2 optimizer steps
+        generator = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=generator), torch.randint(0, 2, (8,), generator=generator)
+        with accelerator.accumulate(model):
+            accelerator.backward(nn.functional.cross_entropy(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert handle.filter.steps == 2
