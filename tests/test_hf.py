@@ -252,3 +252,15 @@ def test_two_ddp_processes_hold_identical_filter_state(tmp_path):
             other = ranks[1]["filter"][name][key]
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
     assert all(torch.equal(w, ranks[1]["weights"][n]) for n, w in ranks[0]["weights"].items())
+
+
+def test_the_tied_embedding_and_head_have_one_filter_state_and_exclude_takes_both(tmp_path):
+    callback = GrokfastTrainerCallback(filter="ema")
+    trainer = make_trainer(tmp_path / "a", callback, save_strategy="no", max_steps=1)
+    trainer.train()
+    assert trainer.model.lm_head.weight is trainer.model.transformer.wte.weight  # GPT-2 ties them
+    names = set(callback.handle.filter.states)
+    assert "transformer.wte.weight" in names and not any(n.startswith("lm_head") for n in names)
+    excluding = GrokfastTrainerCallback(filter="ema", exclude=r"\.wte\.")
+    make_trainer(tmp_path / "b", excluding, save_strategy="no", max_steps=1).train()
+    assert set(excluding.handle.filter.states) == names - {"transformer.wte.weight"}
