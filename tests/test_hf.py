@@ -264,3 +264,10 @@ def test_the_tied_embedding_and_head_have_one_filter_state_and_exclude_takes_bot
     excluding = GrokfastTrainerCallback(filter="ema", exclude=r"\.wte\.")
     make_trainer(tmp_path / "b", excluding, save_strategy="no", max_steps=1).train()
     assert set(excluding.handle.filter.states) == names - {"transformer.wte.weight"}
+
+
+def test_resuming_with_another_filter_kind_is_a_clear_error(tmp_path):
+    make_trainer(tmp_path / "a", GrokfastTrainerCallback(filter="ema"), max_steps=4).train()
+    resumed = make_trainer(tmp_path / "b", GrokfastTrainerCallback(filter="ma", window_size=3))
+    with pytest.raises(ValueError, match="was made by filter='ema'; this filter is 'ma'"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
