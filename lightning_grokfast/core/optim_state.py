@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from lightning_grokfast.core.filters import GradientFilter, ParamState
 from lightning_grokfast.core.sharding import is_dtensor, to_global, to_local
 
-__all__ = ["STATE_PREFIX", "OptimizerStateLink", "param_index_map", "unwrap_optimizer"]
+__all__ = ["STATE_PREFIX", "OptimizerStateLink", "RoundedStateWarning", "param_index_map", "unwrap_optimizer"]
 
 #: Prefix of the filter's keys in an optimizer state entry.
 STATE_PREFIX = "grokfast_"
@@ -53,6 +53,31 @@ def param_index_map(
     """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``."""
     for group, saved in zip(param_groups, saved_groups):
         yield from zip(saved["params"], group["params"])
+
+
+class RoundedStateWarning(UserWarning):
+    """The filter adopted state that ``optimizer.load_state_dict`` had cast to 16-bit parameters' dtype.
+
+    Args:
+        dtype: the parameters' dtype the state was rounded to (``"bfloat16"`` or ``"float16"``).
+        advice: how to resume exactly in the caller's setting.
+
+    Example::
+
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            handle = attach_grokfast(optimizer)  # after optimizer.load_state_dict(saved), bf16 parameters
+        rounded = [w for w in caught if issubclass(w.category, RoundedStateWarning)]
+
+    """
+
+    def __init__(self, dtype: str, advice: str = "Attach first, then load, to resume exactly.") -> None:
+        self.dtype = dtype
+        super().__init__(
+            f"optimizer.load_state_dict() ran before the Grokfast filter was attached and cast its state to the"
+            f" parameters' dtype ({dtype}): the filter resumes from that rounded state. {advice}"
+        )
 
 
 class OptimizerStateLink:
@@ -142,12 +167,7 @@ class OptimizerStateLink:
             return False
         rounded = [n for n in (self._widen(params_by_index[i], e) for i, e in state.items()) if n is not None]
         if rounded:
-            warnings.warn(
-                f"optimizer.load_state_dict() ran before the Grokfast filter was attached and cast its state to the"
-                f" parameters' dtype ({rounded[0]}): the filter resumes from that rounded state. Attach first, then"
-                " load, to resume exactly.",
-                stacklevel=3,
-            )
+            warnings.warn(RoundedStateWarning(rounded[0]), stacklevel=3)
         stripped = self._on_load_state_dict(optimizer, {"state": state, "param_groups": groups})
         for index in state:
             param = params_by_index[index]

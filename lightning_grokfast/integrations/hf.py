@@ -20,13 +20,18 @@ import torch
 
 from lightning_grokfast.core.config import FilterConfig, TunableSettings
 from lightning_grokfast.core.metrics import filter_metrics
-from lightning_grokfast.core.optim_state import unwrap_optimizer
+from lightning_grokfast.core.optim_state import RoundedStateWarning, unwrap_optimizer
 from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_int, require
 from lightning_grokfast.integrations.hook import GrokfastHandle, attach_grokfast
 
 transformers = require("transformers", "hf", "lightning_grokfast.integrations.hf")
 
 __all__ = ["GrokfastTrainerCallback"]
+
+_TRAINER_ADVICE = (
+    "To resume exactly, create the optimizer yourself and pass it as `Trainer(optimizers=(optimizer, None))`:"
+    " the callback then attaches before the Trainer loads."
+)
 
 
 class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  # type: ignore[misc,name-defined]
@@ -210,14 +215,11 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
                 lamb_scale=self.lamb_scale,
                 start_step=self.start_step,
             )
-        for warning in caught:  # the Trainer loaded the checkpoint before this attach: say how to avoid that here
-            message = str(warning.message)
-            if "rounded state" in message:
-                message = message.split(" Attach first")[0] + (
-                    " To resume exactly, create the optimizer yourself and pass it as"
-                    " `Trainer(optimizers=(optimizer, None))`: the callback then attaches before the Trainer loads."
-                )
-            warnings.warn(message, warning.category, stacklevel=2)
+        for caught_warning in caught:  # the Trainer loaded the checkpoint before this attach: say how to avoid it
+            message = caught_warning.message
+            if isinstance(message, RoundedStateWarning):
+                message = RoundedStateWarning(message.dtype, _TRAINER_ADVICE)
+            warnings.warn(message, stacklevel=2)
 
     def _log_before_reporters(self) -> None:
         """Move this callback ahead of the ``report_to`` callbacks, so that they receive the numbers it adds.
