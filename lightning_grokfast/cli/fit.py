@@ -65,9 +65,9 @@ class GrokfastCLI(LightningCLI):
         model_class: the LightningModule (default: :class:`~lightning_grokfast.tasks.GrokTransformer`).
         datamodule_class: the LightningDataModule (default:
             :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`).
-        \*args: further positional arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
+        *args: further positional arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
         seed_everything_default: seed used unless ``--seed_everything`` says otherwise (default 0: runs repeat).
-        \**kwargs: further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI` (``args``, ``run``,
+        **kwargs: further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI` (``args``, ``run``,
             ``trainer_defaults``, ...).
 
     Raises:
@@ -178,8 +178,8 @@ class TaskCLI(GrokfastCLI):
     model.
 
     Args:
-        \*args: further positional arguments of :class:`GrokfastCLI`.
-        \**kwargs: further keyword arguments of :class:`GrokfastCLI` (``args``, ``run``, ``trainer_defaults``, ...).
+        *args: further positional arguments of :class:`GrokfastCLI`.
+        **kwargs: further keyword arguments of :class:`GrokfastCLI` (``args``, ``run``, ``trainer_defaults``, ...).
 
     Example::
 

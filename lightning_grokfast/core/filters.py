@@ -77,7 +77,7 @@ class GradientFilter(TunableSettings):
     Args:
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"`` (see :class:`~lightning_grokfast.FilterConfig`).
         config: a :class:`~lightning_grokfast.FilterConfig` to share (then pass no other argument).
-        \**kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
+        **kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
             ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``, ``resum_every``,
             ``check_finite``, ``orthogonal``, ``max_amplified_ratio``).
 
