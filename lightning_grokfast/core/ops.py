@@ -26,7 +26,21 @@ __all__ = [
 
 
 def squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """Per-tensor squared L2 norms as one float32 (float64 for float64 input) vector (one foreach call)."""
+    """Per-tensor squared L2 norms as one float32 (float64 for float64 input) vector (one foreach call).
+
+    Args:
+        tensors: the tensors, all on one device.
+
+    Returns:
+        A 1-D tensor on that device with one squared norm per tensor.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.ops import squared_norms
+        >>> squared_norms([torch.ones(2), torch.full((3,), 2.0)])
+        tensor([ 2.0000, 12.0000])
+    """
     if tensors[0].dtype in (torch.float16, torch.bfloat16):
         norms = torch._foreach_norm(tensors, dtype=torch.float32)
     else:
