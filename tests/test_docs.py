@@ -77,3 +77,12 @@ def test_changelog_page_includes_the_changelog() -> None:
 def test_docs_describe_current_behaviour_without_history(page: Path) -> None:
     history = re.compile(r"\b(used to|no longer|since this release|in this release|before this release|0\.[12] did)\b")
     assert not history.findall(page.read_text().lower()), "history goes into CHANGELOG.md"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_left_out_of_the_tests_say_why(page: Path) -> None:
+    lines = page.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("```") and "notest" in line:
+            assert line.strip() == "```{.python notest}", line  # the form both pytest-markdown-docs and MkDocs read
+            assert lines[i + 1].startswith("# "), f"{page.name}:{i + 2}: the first line says why the block cannot run"
