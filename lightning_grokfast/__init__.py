@@ -20,6 +20,7 @@ _EXPORTS = {
     "GrokfastHandle": "lightning_grokfast.integrations.hook",
     "attach_grokfast": "lightning_grokfast.integrations.hook",
     "GrokfastCallback": "lightning_grokfast.callbacks.grokfast",
+    "GrokfastTrainerCallback": "lightning_grokfast.integrations.hf",
     "GrokkingDashboardCallback": "lightning_grokfast.callbacks.dashboard",
     "GrokkingDetectorCallback": "lightning_grokfast.callbacks.detector",
     "GrokkingStateMachine": "lightning_grokfast.callbacks.detector",
@@ -30,6 +31,7 @@ __all__ = [
     "GradientFilter",
     "GrokfastCallback",
     "GrokfastHandle",
+    "GrokfastTrainerCallback",
     "GrokkingDashboardCallback",
     "GrokkingDetectorCallback",
     "GrokkingStateMachine",
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from lightning_grokfast.core.config import FilterConfig
     from lightning_grokfast.core.filters import GradientFilter
     from lightning_grokfast.core.state import ParamState, StepInfo
+    from lightning_grokfast.integrations.hf import GrokfastTrainerCallback
     from lightning_grokfast.integrations.hook import GrokfastHandle, attach_grokfast
 
 

@@ -17,6 +17,7 @@ state only when it is empty (``torch.optim.Adam`` does) are unaffected.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -156,6 +157,81 @@ class OptimizerStateLink:
             handle.remove()
         self._handles = []
 
+    def adopt(self) -> bool:
+        """Take over filter state that ``optimizer.load_state_dict`` loaded before this link existed.
+
+        A script that rebuilds its optimizer loads the saved state first and attaches the filter after (the Hugging
+        Face Trainer does the same: it restores ``optimizer.pt`` before any callback sees the optimizer). Torch then
+        keeps the filter's ``grokfast_*`` entries in ``optimizer.state`` and its counters in the first parameter
+        group; this moves them into the filter, exactly as the load pre-hook would have, and leaves the optimizer's
+        own state as if the filter had been attached before the load.
+
+        Returns:
+            Whether any filter state was found and taken.
+
+        Raises:
+            ValueError: If the loaded state was made by another filter kind, window size or parameter shape (the
+                same error as a load after attaching).
+
+        """
+        optimizer = self.optimizer
+        index_of: dict[int, int] = {}
+        params_by_index: dict[int, Tensor] = {}
+        groups: list[dict[str, Any]] = []
+        for group in optimizer.param_groups:
+            indices = []
+            for param in group["params"]:
+                if id(param) not in index_of:
+                    index_of[id(param)] = len(index_of)
+                    params_by_index[index_of[id(param)]] = param
+                indices.append(index_of[id(param)])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+        state = {
+            index_of[id(param)]: dict(entry)
+            for param, entry in optimizer.state.items()
+            if id(param) in index_of and any(str(k).startswith(STATE_PREFIX) for k in entry)
+        }
+        if not state and not any("grokfast" in g for g in groups):
+            return False
+        rounded = [n for n in (self._widen(params_by_index[i], e) for i, e in state.items()) if n is not None]
+        if rounded:
+            warnings.warn(
+                f"optimizer.load_state_dict() ran before the Grokfast filter was attached and cast its state to the"
+                f" parameters' dtype ({rounded[0]}): the filter resumes from that rounded state. Attach first, then"
+                " load, to resume exactly.",
+                stacklevel=3,
+            )
+        stripped = self._on_load_state_dict(optimizer, {"state": state, "param_groups": groups})
+        for index in state:
+            param = params_by_index[index]
+            rest = stripped["state"].get(index)
+            if rest:
+                optimizer.state[param] = rest
+            else:  # the optimizer had no state of its own yet: leave it empty, so it initialises as usual
+                del optimizer.state[param]
+        for group in optimizer.param_groups:
+            group.pop("grokfast", None)
+        return True
+
+    def _widen(self, param: Tensor, entry: dict[str, Any]) -> str | None:
+        """Undo the dtype of torch's cast of loaded state to a 16-bit parameter (the values stay rounded).
+
+        Returns the parameter's dtype when the entry was narrowed, else ``None``.
+        """
+        if param.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        wide = self.filter.config.state_dtype
+        targets = {"ma_sum": torch.float32}
+        if isinstance(wide, torch.dtype) and wide.itemsize > param.element_size():
+            targets.update({"ema": wide, "ma_history": wide})
+        narrowed = False
+        for key, dtype in targets.items():
+            value = entry.get(STATE_PREFIX + key)
+            if isinstance(value, Tensor) and value.dtype != dtype:
+                entry[STATE_PREFIX + key] = value.to(dtype)
+                narrowed = True
+        return str(param.dtype).removeprefix("torch.") if narrowed else None
+
     # ------------------------------------------------------------------ hooks
     def _on_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         if self._before_access is not None:
@@ -179,8 +255,10 @@ class OptimizerStateLink:
         if self._extras is not None:
             extras = self._extras[0]()
             state_dict["grokfast"] = extras
-            if state_dict["param_groups"] and any(is_dtensor(p) for p in self._params.values()):
-                # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups"
+            if state_dict["param_groups"]:
+                # A copy in the first group: torch.distributed.checkpoint's get_optimizer_state_dict keeps only
+                # "state" and "param_groups", and a plain load_state_dict before the filter is attached keeps a
+                # group's extra keys (and drops top-level ones), so adopt() finds the counters there.
                 state_dict["param_groups"][0] = {**state_dict["param_groups"][0], "grokfast": extras}
         return state_dict
 
