@@ -17,7 +17,8 @@ decay, except the StableMax row (0, its point).
 
 Each run is a ``Trainer.fit`` that validates every few steps (the task's interval) and stops at the target or the
 task's cap. ``--seeds`` (default 0 1 2); ``--smoke`` for the tests. Writes ``benchmarks/results/<stem>.{json,md}``
-(stem ``grokking_leaderboard`` by default) after every run; ``--resume`` keeps the runs already there, so the
+(stem ``grokking_leaderboard`` by default) after every run, and the figures ``<stem>_steps_<task>.png`` and
+``<stem>_curves.png`` at the end; ``--resume`` keeps the runs already there, so the
 grid can be run piecewise (``--methods none ema --seeds 1 2 --resume``).
 """
 
@@ -98,22 +99,14 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
     return "\n".join([*lines, ""])
 
 
-def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
-    """Accuracy curves of every run, one panel per task."""
-    import matplotlib
+def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> list[Path]:
+    """Per task, steps to the target by row with every seed (``<stem>_steps_<task>.png``), and a few curves
+    (``<stem>_curves.png``); see ``figures.py``."""
+    from figures import leaderboard_figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from grokking_common import plot_curves
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
-    for ax, task_name in zip(axes[0], tasks):
-        task_runs = [r for r in runs if r["task"] == task_name]
-        labels = {n: METHODS[n].label for n in METHODS if any(r["config"] == n for r in task_runs)}
-        plot_curves(ax, task_runs, labels, TASKS[task_name].label, TASKS[task_name].marks[-1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    labels = {name: method.label for name, method in METHODS.items()}
+    targets = {name: TASKS[name].marks[-1] for name in tasks}
+    return leaderboard_figures(runs, labels, targets, path.parent, prefix=f"{path.stem}_")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -169,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")
     plot(runs, list(report["summary"]), args.out_dir / f"{stem}.png")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[grokking] wrote {json_path}, {stem}.md and {stem}.png")
+    print(f"[grokking] wrote {json_path}, {stem}.md and {stem}_*.png")
     return report
 
 

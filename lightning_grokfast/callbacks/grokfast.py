@@ -164,6 +164,8 @@ class GrokfastCallback(TunableSettings, Callback):
             GrokfastCallback.from_speedup(100)                     # alpha = 0.1 ** (1 / 100) = 0.977
             GrokfastCallback.from_speedup(50, filter="ma", lamb=5)  # window_size = 50
 
+        Returns:
+            The callback.
         """
         return cls(filter=filter, speedup=speedup, **kwargs)
 
@@ -198,12 +200,17 @@ class GrokfastCallback(TunableSettings, Callback):
     def boost_lamb(self, factor: float, max_lamb: float | None = None) -> float:
         """Multiply every amplification (``lamb`` and ``ma_lamb``) by ``factor``, capped at ``max_lamb``.
 
+        A value already above the cap is not lowered.
+
+        Args:
+            factor: the multiplier, ``>= 0``.
+            max_lamb: the cap, ``>= 0``, or ``None`` for no cap.
+
         Returns:
             The new ``lamb``.
 
         Raises:
             ValueError: If ``factor`` or ``max_lamb`` is negative or not finite.
-
         """
         factor = check_lamb(factor, "factor")
         cap = float("inf") if max_lamb is None else check_lamb(max_lamb, "max_lamb")

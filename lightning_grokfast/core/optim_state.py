@@ -35,8 +35,27 @@ STATE_PREFIX = "grokfast_"
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The ``torch.optim.Optimizer`` inside wrappers that keep it as ``.optimizer`` (Lightning's
-    ``LightningOptimizer``, Fabric's optimizer, Accelerate's ``AcceleratedOptimizer``)."""
+    """The ``torch.optim.Optimizer`` inside wrappers that keep it as ``.optimizer``.
+
+    Lightning's ``LightningOptimizer``, Fabric's optimizer and Accelerate's ``AcceleratedOptimizer`` are such wrappers.
+
+    Args:
+        optimizer: an optimizer or a wrapper of one (nested up to 8 levels).
+
+    Returns:
+        The innermost ``torch.optim.Optimizer``.
+
+    Raises:
+        ValueError: If no ``torch.optim.Optimizer`` is found.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.optim_state import unwrap_optimizer
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> unwrap_optimizer(optimizer) is optimizer
+        True
+    """
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, Optimizer):
@@ -50,7 +69,24 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
 def param_index_map(
     param_groups: Sequence[Mapping[str, Any]], saved_groups: Sequence[Mapping[str, Any]]
 ) -> Iterator[tuple[Any, Tensor]]:
-    """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``."""
+    """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``.
+
+    Args:
+        param_groups: the optimizer's live parameter groups.
+        saved_groups: the ``param_groups`` of a state dict (parameters as indices).
+
+    Returns:
+        An iterator of ``(index in the state dict, parameter)``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.optim_state import param_index_map
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> optimizer = torch.optim.SGD([w], lr=0.1)
+        >>> [(i, p is w) for i, p in param_index_map(optimizer.param_groups, optimizer.state_dict()["param_groups"])]
+        [(0, True)]
+    """
     for group, saved in zip(param_groups, saved_groups):
         yield from zip(saved["params"], group["params"])
 
@@ -95,6 +131,18 @@ class OptimizerStateLink:
         before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
             another callback re-added parameter groups just before a checkpoint is loaded).
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast import GradientFilter
+        >>> from lightning_grokfast.core.optim_state import OptimizerStateLink
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> optimizer, filt = torch.optim.SGD([w], lr=0.1), GradientFilter("ema")
+        >>> link = OptimizerStateLink(optimizer, filt)
+        >>> link.track(["w"], [w])
+        >>> _ = filt.step(["w"], [torch.ones(2)])
+        >>> sorted(k for k in optimizer.state_dict()["state"][0] if k.startswith("grokfast"))  # doctest: +ELLIPSIS
+        ['grokfast_ema', ...]
     """
 
     def __init__(
@@ -119,7 +167,12 @@ class OptimizerStateLink:
         ]
 
     def track(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Declare the filtered parameters and the names their filter state is keyed by (replaces the last call)."""
+        """Declare the filtered parameters and the names their filter state is keyed by (replaces the last call).
+
+        Args:
+            names: one name per parameter.
+            params: the parameters, in the order of ``names``.
+        """
         self._names = {id(p): n for n, p in zip(names, params)}
         self._params = {id(p): p for p in params}
 

@@ -190,8 +190,9 @@ def attach_grokfast(
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"``.
         model: gives the parameters their names (for ``exclude``, ``lamb_scale`` and readable errors); without it,
             parameters are called ``group{g}.param{j}``.
-        alpha, lamb, window_size, ma_lamb, warmup, filter_type, normalize, state_dtype, resum_every, check_finite,
-            orthogonal, max_amplified_ratio: the filter settings of :class:`~lightning_grokfast.FilterConfig`.
+        alpha: and ``lamb``, ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``,
+            ``resum_every``, ``check_finite``, ``orthogonal``, ``max_amplified_ratio``: the filter settings of
+            :class:`~lightning_grokfast.FilterConfig`.
         exclude: a regular expression or a list of them; parameters whose name matches any are not filtered.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor``.
