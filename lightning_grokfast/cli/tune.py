@@ -257,6 +257,9 @@ def run_trial(trial: optuna.Trial, fit_config: dict[str, Any], space: SearchSpac
     try:
         for index, seed in enumerate(spec.seeds):
             outcomes.append(run_seed(config, spec, seed, trial if index == 0 else None))
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted (Ctrl-C)")
+        raise
     except Exception as error:
         trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
         raise
