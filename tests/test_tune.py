@@ -124,7 +124,7 @@ def test_filter_none_switches_grokfast_off_and_dotted_names_set_config_paths() -
     ids=["low-above-high", "log-from-zero", "unknown-filter"],
 )
 def test_a_malformed_search_space_is_refused_naming_the_entry(spec: dict) -> None:
-    with pytest.raises(ValueError, match="Search space `(lamb|filter)`"):
+    with pytest.raises(ValueError, match=r"Search space `(lamb|filter)`"):
         SearchSpace(spec)
 
 
@@ -288,13 +288,13 @@ def test_report_prints_the_trials_and_writes_the_figures(
 # ---------------------------------------------------------------------- the command line
 def test_help_explains_every_option(capsys: pytest.CaptureFixture) -> None:
     parser = build_parser()
-    for action in parser._actions:  # noqa: SLF001  (argparse offers no public list of its options)
+    for action in parser._actions:  # argparse offers no public list of its options
         assert action.help, action.option_strings
     with pytest.raises(SystemExit):
         cli_main(["tune", "--help"])
     out = capsys.readouterr().out
     assert "lightning-grokfast tune" in out
-    for action in parser._actions:  # noqa: SLF001
+    for action in parser._actions:
         assert any(option in out for option in action.option_strings)
 
 
@@ -332,7 +332,8 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(directory, user)
     port = _free_port()
     try:
-        subprocess.run([initdb, "-D", str(data), "-U", "tune", "--auth=trust"], user=user, check=True, capture_output=True)
+        init = [initdb, "-D", str(data), "-U", "tune", "--auth=trust"]
+        subprocess.run(init, user=user, check=True, capture_output=True)
         options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1"
         start = [pg_ctl, "-D", str(data), "-o", options, "-l", str(directory / "log"), "-w", "start"]
         subprocess.run(start, user=user, check=True, capture_output=True)
