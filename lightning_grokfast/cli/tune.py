@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--prune-warmup-steps",
         type=int,
-        help="no pruning before this optimizer step (default: a quarter of trainer.max_steps)",
+        help="no pruning before this optimizer step (default: a quarter of trainer.max_steps; see"
+        " benchmarks/results/grokking_pruning.md)",
     )
     search.add_argument(
         "--prune-patience",
@@ -141,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=60,
         help="seconds between a running trial's heartbeats; a trial silent for --grace-period seconds (its worker"
-        " was killed) is marked failed and retried by the next worker (default 60)",
+        " was killed) is marked failed and retried by the next worker (default 60; 0: no heartbeat)",
     )
-    workers.add_argument("--grace-period", type=int, help="default: twice --heartbeat-interval")
+    workers.add_argument(
+        "--grace-period",
+        type=int,
+        help="seconds after its last heartbeat at which a running trial counts as dead (default: twice"
+        " --heartbeat-interval)",
+    )
     workers.add_argument("--max-retry", type=int, default=3, help="retries of a trial whose worker died (default 3)")
     output = parser.add_argument_group("output (no trials are run)")
     output.add_argument(
@@ -157,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="",
         metavar="DIR",
         help="print the trials as a table and write figures (optimization history, parameter importances,"
-        " steps per filter) into DIR (default: <study-name>_report)",
+        " validation curves) into DIR (default: <study-name>_report)",
     )
     parser.add_argument("--verbose", action="store_true", help="keep Lightning's per-fit messages and warnings")
     return parser
