@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        parser.exit(2, "lightning-grokfast tune needs Optuna: pip install 'lightning-grokfast[tune]'\n")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
