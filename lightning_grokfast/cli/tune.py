@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown arguments {stray}; fit overrides have the form --group.name VALUE")
     if overrides and not args.config:
         parser.error(f"fit overrides {overrides} need --config")
+    if not math.isfinite(args.target):
+        parser.error(f"--target must be a finite number, got {args.target}")
     for name in ("n_trials", "prune_patience", "prune_startup_trials", "heartbeat_interval", "max_retry"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export is not None or args.report is not None:
         from lightning_grokfast.cli import tune_report
 
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = _load_study(study_name, storage, parser)
         if args.report is not None:
             tune_report.report(study, Path(args.report or f"{study_name}_report"))
         if args.export is not None:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     setup = _study_setup(args, overrides, parser, argv)
     if not setup:  # a worker joining with the stored config
-        stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(STUDY_ATTR)
+        stored = _load_study(study_name, storage, parser).user_attrs.get(STUDY_ATTR)
         if stored is None:
             parser.error(f"study {study_name!r} has no stored config: --config is needed to create it")
         setup = dict(stored)
@@ -396,6 +399,16 @@ def _agree(study: optuna.Study, setup: dict[str, Any], given: bool, parser: argp
                     " --study-name for a new search."
                 )
     return dict(stored)
+
+
+def _load_study(name: str, storage: optuna.storages.BaseStorage, parser: argparse.ArgumentParser) -> optuna.Study:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        parser.error(f"no study {name!r} in the storage (it holds {names or 'no studies'}); --config creates one")
 
 
 def _only_study(storage: optuna.storages.BaseStorage, parser: argparse.ArgumentParser) -> str:
