@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps of every trial (default 500)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         one = run_workers(1, args.trials, args.steps, Path(folder))
         two = run_workers(2, args.trials // 2, args.steps, Path(folder))
+    load_after = os.getloadavg()[0]
     command = " ".join(["python benchmarks/grokking_tune_workers.py", *(argv if argv is not None else sys.argv[1:])])
     table = (
         f"<!-- {command} -->\n"
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| 1 | {args.trials} | {one:.0f} s | 1.0x |\n"
         f"| 2 | {args.trials} ({args.trials // 2} each) | {two:.0f} s | {one / two:.2f}x |\n"
         f"\nDigits task (`configs/digits_baseline.yaml`), {args.steps} steps per trial, one thread per worker,"
-        f" {os.cpu_count()} CPU cores.\n"
+        f" {os.cpu_count()} CPU cores; load average {load_before:.1f} before, {load_after:.1f} after.\n"
     )
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
