@@ -23,9 +23,13 @@ Configurations (``--configs``):
 
 Every method at one weight decay, the anchors and the other tasks are in ``grokking_leaderboard.py``.
 Modes: default (seeds 0 1 2), ``--quick`` (seed 0, small caps), ``--smoke`` (tiny task, seconds, for the tests).
-Prints a markdown table and writes ``benchmarks/results/<stem>.{json,png,md}`` (stem ``grokking``,
-``grokking_quick``, ``grokking_smoke`` or ``--stem``); the JSON is rewritten after every run, and ``--resume``
-keeps its finished runs, so a long run interrupted or run piecewise (``--seeds 1``) still adds up.
+Every run is a trial of the study ``paper`` in the Optuna storage ``--storage`` (default
+``benchmarks/results/grokking.db``, see ``grokking_store.py``): a (configuration, seed) already finished there is
+not run again, so a long run interrupted or run piecewise (``--seeds 1``) adds up, and several processes can share
+it. The leaderboard's modular rows ``none``, ``ema`` and ``ema_detector`` (same task, weight decay 0.005) fill the
+cells of ``baseline_wd0.005``, ``ema`` and ``ema_detector`` that this study lacks. Prints a markdown table and
+writes ``benchmarks/results/<stem>.{md,png,json}`` (stem ``grokking``, ``grokking_quick``, ``grokking_smoke`` or
+``--stem``) from the storage; ``--migrate`` adds the runs of JSON reports of earlier versions.
 """
 
 from __future__ import annotations
@@ -51,15 +55,15 @@ from grokking_common import (
     Settings,
     add_checkpoint_arguments,
     cell,
-    load_runs,
     paired_speedups,
     plot_curves,
     row_commands,
     run_one,
     speedup,
-    stop_if_interrupted,
     summarize_marks,
 )
+from grokking_leaderboard import study_name
+from grokking_store import finished_runs, migrate, open_study, run_cells
 
 TASK = TASKS["modular"]
 #: name -> (method, weight decay, paper's steps to 95 %)
@@ -86,18 +90,13 @@ CONFIGS: dict[str, tuple[Method, float, int | None]] = {
 FROM_LEADERBOARD = {"none": "baseline_wd0.005", "ema": "ema", "ema_detector": "ema_detector"}
 
 
-def merged_runs(paths: list[Path]) -> list[dict[str, Any]]:
-    """Runs of other result files (``--merge``): this script's own, and the leaderboard's rows in this table."""
+def leaderboard_runs(storage: str, mode: str) -> list[dict[str, Any]]:
+    """The leaderboard's modular runs of the rows that are rows of this table too (renamed to this table's)."""
+    study = open_study(storage, study_name("modular", mode))
     runs = []
-    for path in paths:
-        report = json.loads(path.read_text())
-        for run in report["runs"]:
-            run.setdefault("command", report["command"])
-            if "grokking_leaderboard" in report["command"]:  # a leaderboard run (this script's own have a task too)
-                if run["task"] != "modular" or run["config"] not in FROM_LEADERBOARD:
-                    continue
-                run = {**run, "config": FROM_LEADERBOARD[run["config"]]}
-            runs.append(run)
+    for (row, _), run in finished_runs(study).items():
+        if row in FROM_LEADERBOARD:
+            runs.append({**run, "config": FROM_LEADERBOARD[row]})
     return runs
 
 
@@ -168,10 +167,14 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    from figures import paper_figure  # every seed's steps to 95 %, unreached runs marked at their cap
+
+    paper = {name: steps for name, (_, _, steps) in CONFIGS.items() if steps}
+    paper_figure(runs, labels, paper, path.with_name(f"{path.stem}_steps.png"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the selected configurations and seeds; write JSON, PNG and the markdown table."""
+    """Run the configurations and seeds missing from the storage; write the table, figure and JSON from it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="seed 0 only, caps 2500 (filtered) / 1500 (no filter)")
@@ -182,10 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps-baseline", type=int, default=3000, help="step cap of no-filter runs")
     parser.add_argument("--val-every", type=int, default=10, help="validate every this many optimizer steps")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--resume", action="store_true", help="keep the finished runs found in the JSON")
     parser.add_argument("--progress-every", type=int, default=0, help="print validation accuracy every N steps")
-    parser.add_argument("--merge", nargs="+", type=Path, default=[], help="also take the runs of these JSON files")
-    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the storage")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out-dir>/grokking.db)")
+    parser.add_argument("--migrate", nargs="+", type=Path, default=[], help="add the runs of these JSON reports")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", help="file name stem of the results")
     add_checkpoint_arguments(parser)
@@ -202,30 +205,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_lightning()
     stem = args.stem or {"full": "grokking", "quick": "grokking_quick", "smoke": "grokking_smoke"}[settings.mode]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.out_dir / f"{stem}.json"
-    runs = load_runs(json_path, args.resume)
-    runs += [r for r in merged_runs(args.merge) if r not in runs]
+    storage = args.storage or f"sqlite:///{args.out_dir.resolve() / 'grokking.db'}"
+    study = open_study(storage, "paper" + ("" if settings.mode == "full" else f"-{settings.mode}"))
     command = " ".join(["python benchmarks/grokking.py", *(argv if argv is not None else sys.argv[1:])])
+    for path in args.migrate:
+        report = json.loads(path.read_text())
+        runs = [{"command": report["command"], **r} for r in report["runs"] if r["config"] in CONFIGS]
+        print(f"[grokking] {path.name}: {migrate(study, runs, '0.95')} runs added", flush=True)
     started = time.perf_counter()
-    for name in [] if args.table_only else args.configs:
+
+    def run(name: str, seed: int) -> dict[str, Any]:
         method, weight_decay, _ = CONFIGS[name]
-        for seed in settings.seeds:
-            if any(r["config"] == name and r["seed"] == seed for r in runs):
-                continue
-            cap = caps[1] if is_baseline(name) else caps[0]
-            result = run_one(TASK, method, seed, settings, weight_decay=weight_decay, cap=cap)
-            result["command"] = command
-            runs.append(result)
-            json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
-            stop_if_interrupted(result, json_path)
+        cap = caps[1] if is_baseline(name) else caps[0]
+        return {**run_one(TASK, method, seed, settings, weight_decay=weight_decay, cap=cap), "command": command}
+
+    cells = [] if args.table_only else [(name, seed) for name in args.configs for seed in settings.seeds]
+    try:
+        run_cells(study, cells, run, "0.95")
+    except KeyboardInterrupt as stop:
+        raise SystemExit(f"[grokking] {stop}; the finished runs are in {storage}, run again to go on") from None
+    own = finished_runs(study)
+    runs = list(own.values())
+    runs += [r for r in leaderboard_runs(storage, settings.mode) if (r["config"], r["seed"]) not in own]
     report = _report(runs, command, settings, started)
     commands = row_commands(runs, lambda r: r["config"])
     table = markdown(report["summary"], len(settings.seeds), settings.val_every or 10, commands)
     print(f"\n{table}")
     (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")
     plot(runs, report["summary"], args.out_dir / f"{stem}.png")
+    json_path = args.out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[grokking] wrote {json_path}, {stem}.md and {stem}.png")
+    print(f"[grokking] wrote {stem}.md, {stem}.png and {stem}.json from {storage}")
     return report
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import math
 import statistics
@@ -436,12 +435,6 @@ def speedup(base: dict[str, Any] | None, steps: float, mark: str) -> str:
     return f"> {base['cap'] / steps:.1f}x" if base["cap"] > steps else ""
 
 
-def stop_if_interrupted(result: dict[str, Any], json_path: Path) -> None:
-    """After saving ``result``: end the invocation (exit status 1) if that run was stopped by Ctrl-C or SIGTERM."""
-    if result.get("interrupted"):
-        raise SystemExit(f"[grokking] stopped at step {result['steps_run']:,}; the run so far is in {json_path}")
-
-
 def paired_speedups(base: dict[str, Any] | None, entry: dict[str, Any], mark: str) -> str:
     """Per seed that both rows ran, the baseline's steps to ``mark`` / this row's, as ``seed: ratio`` in seed order.
 
@@ -463,19 +456,6 @@ def paired_speedups(base: dict[str, Any] | None, entry: dict[str, Any], mark: st
         else:
             cells.append(f"{seed}: n/a")
     return ", ".join(cells)
-
-
-def load_runs(path: Path, resume: bool, merge: list[Path] | None = None) -> list[dict[str, Any]]:
-    """Finished runs of an earlier invocation (``--resume``) and all runs of the JSON files in ``merge``.
-
-    A run stopped by Ctrl-C or SIGTERM (``"interrupted"``) is kept by ``--merge`` (its cap is the step it stopped
-    at) but not by ``--resume``, which trains it again from the start.
-    """
-    runs = json.loads(path.read_text())["runs"] if resume and path.exists() else []
-    runs = [r for r in runs if not r.get("interrupted")]
-    for other in merge or []:
-        runs += [r for r in json.loads(other.read_text())["runs"] if r not in runs]
-    return runs
 
 
 def row_commands(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> dict[str, str]:

@@ -16,14 +16,20 @@ StableMax cross-entropy without weight decay and without filter. Every row of a 
 decay, except the StableMax row (0, its point).
 
 Each run is a ``Trainer.fit`` that validates every few steps (the task's interval) and stops at the target or the
-task's cap. ``--seeds`` (default 0 1 2); ``--smoke`` for the tests. Writes ``benchmarks/results/<stem>.{json,md}``
-(stem ``grokking_leaderboard`` by default) after every run; ``--resume`` keeps the runs already there, so the
-grid can be run piecewise (``--methods none ema --seeds 1 2 --resume``).
+task's cap. ``--seeds`` (default 0 1 2); ``--smoke`` for the tests. Every run is a trial of the task's study
+``leaderboard-<task>`` in the Optuna storage ``--storage`` (default ``benchmarks/results/grokking.db``, see
+``grokking_store.py``): a cell (row, seed) already finished there is not run again, so an interrupted invocation
+resumes where it stopped, the grid can be run piecewise (``--methods none ema --seeds 1 2``), and several
+processes can share it. The table ``<stem>.md``, the JSON export ``<stem>.json`` and the figures
+``<stem>_steps_<task>.png`` and ``<stem>_curves.png`` (stem ``grokking_leaderboard`` by default) are made from
+everything in the storage for ``--tasks`` (``--table-only``: nothing trained). ``--migrate`` adds the runs of JSON
+reports of earlier versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -42,15 +48,14 @@ from grokking_common import (
     Settings,
     add_checkpoint_arguments,
     cell,
-    load_runs,
     missing_requirement,
     paired_speedups,
     row_commands,
     run_one,
     speedup,
-    stop_if_interrupted,
     summarize_marks,
 )
+from grokking_store import finished_runs, migrate, open_study, run_cells
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -98,35 +103,32 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
     return "\n".join([*lines, ""])
 
 
-def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
-    """Accuracy curves of every run, one panel per task."""
-    import matplotlib
+def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> list[Path]:
+    """Per task, steps to the target by row with every seed (``<stem>_steps_<task>.png``), and a few curves
+    (``<stem>_curves.png``); see ``figures.py``."""
+    from figures import leaderboard_figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from grokking_common import plot_curves
+    labels = {name: method.label for name, method in METHODS.items()}
+    targets = {name: TASKS[name].marks[-1] for name in tasks}
+    return leaderboard_figures(runs, labels, targets, path.parent, prefix=f"{path.stem}_")
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
-    for ax, task_name in zip(axes[0], tasks):
-        task_runs = [r for r in runs if r["task"] == task_name]
-        labels = {n: METHODS[n].label for n in METHODS if any(r["config"] == n for r in task_runs)}
-        plot_curves(ax, task_runs, labels, TASKS[task_name].label, TASKS[task_name].marks[-1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def study_name(task: str, mode: str) -> str:
+    """The leaderboard study of ``task`` in the storage (``-smoke``: the tests' tiny runs, kept apart)."""
+    return f"leaderboard-{task}" + ("" if mode == "full" else f"-{mode}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the selected tasks x methods x seeds; write the JSON, the table and the figure."""
+    """Run the cells of tasks x methods x seeds missing from the storage; write the table and figure from it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (for the tests)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--resume", action="store_true", help="keep the finished runs found in the JSON")
-    parser.add_argument("--merge", nargs="+", type=Path, help="also take the runs of these result JSON files")
-    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the runs loaded")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the storage")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out-dir>/grokking.db)")
+    parser.add_argument("--migrate", nargs="+", type=Path, default=[], help="add the runs of these JSON reports")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="file name stem (default grokking_leaderboard[_smoke])")
     add_checkpoint_arguments(parser)
@@ -145,31 +147,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_lightning()
     stem = args.stem or ("grokking_leaderboard_smoke" if args.smoke else "grokking_leaderboard")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.out_dir / f"{stem}.json"
-    runs = load_runs(json_path, args.resume, args.merge)
+    storage = args.storage or f"sqlite:///{args.out_dir.resolve() / 'grokking.db'}"
+    studies = {task: open_study(storage, study_name(task, settings.mode)) for task in TASKS}
     command = " ".join(["python benchmarks/grokking_leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
+    for path in args.migrate:
+        report = json.loads(path.read_text())
+        for task, study in studies.items():
+            runs = [{"command": report["command"], **r} for r in report["runs"] if r["task"] == task]
+            print(f"[grokking] {path.name}: {migrate(study, runs, str(TASKS[task].marks[-1]))} {task} runs added")
     started = time.perf_counter()
-    for task_name in args.tasks:
+
+    def run(task_name: str, name: str, seed: int) -> dict[str, Any]:
+        return {**run_one(TASKS[task_name], METHODS[name], seed, settings), "command": command}
+
+    for task_name in [] if args.table_only else args.tasks:
+        methods = []
         for name in args.methods:
-            why = "--table-only" if args.table_only else missing_requirement(METHODS[name])
+            why = missing_requirement(METHODS[name])
             if why:
                 print(f"[grokking] SKIPPING {name}: {why}", flush=True)
-                continue
-            for seed in settings.seeds:
-                if any((r["task"], r["config"], r["seed"]) == (task_name, name, seed) for r in runs):
-                    continue
-                result = run_one(TASKS[task_name], METHODS[name], seed, settings)
-                result["command"] = command
-                runs.append(result)
-                json_path.write_text(json.dumps(_report(runs, command, settings, started), indent=1) + "\n")
-                stop_if_interrupted(result, json_path)
+            else:
+                methods.append(name)
+        cells = [(name, seed) for name in methods for seed in settings.seeds]
+        target = str(TASKS[task_name].marks[-1])
+        try:
+            run_cells(studies[task_name], cells, functools.partial(run, task_name), target)
+        except KeyboardInterrupt as stop:
+            raise SystemExit(f"[grokking] {stop}; the finished runs are in {storage}, run again to go on") from None
+    runs = [run for task in args.tasks for run in finished_runs(studies[task]).values()]
     report = _report(runs, command, settings, started)
     table = markdown(report["summary"], row_commands(runs, lambda r: f"{r['task']}/{r['config']}"))
     print(f"\n{table}")
     (args.out_dir / f"{stem}.md").write_text(f"<!-- {command} -->\n{table}")
     plot(runs, list(report["summary"]), args.out_dir / f"{stem}.png")
+    json_path = args.out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[grokking] wrote {json_path}, {stem}.md and {stem}.png")
+    print(f"[grokking] wrote {stem}.md, {stem}.json and {stem}_*.png from {storage}")
     return report
 
 

@@ -88,14 +88,13 @@ def test_a_stopped_run_keeps_its_curve_and_says_where_it_stopped(
     result = _run_stopped("parity", settings)
     assert result["interrupted"] and result["steps_run"] == 8 and result["cap"] == 8
     assert result["cap_requested"] == 40 and [s for s, _, _ in result["curve"]] == [4, 8]
-    path = tmp_path / "stopped.json"
-    path.write_text(json.dumps({"command": "x", "runs": [result]}))
-    assert common.load_runs(path, resume=True) == []  # --resume trains a stopped run again
-    merged = common.load_runs(tmp_path / "none.json", resume=False, merge=[path])  # --merge keeps it
-    assert [run["curve"] for run in merged] == [[list(point) for point in result["curve"]]]
-    with pytest.raises(SystemExit, match="stopped at step 8"):
-        common.stop_if_interrupted(result, path)
-    common.stop_if_interrupted({"steps_run": 40}, path)  # a finished run goes on
+    store = _load("grokking_store")
+    study = store.open_study(f"sqlite:///{tmp_path / 'grokking.db'}", "stopped")
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 8"):  # the invocation ends
+        store.run_cells(study, [("none", 0)], lambda row, seed: result, "0.95")
+    (trial,) = study.trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["run"]["steps_run"] == 8  # recorded, as failed
+    assert store.finished_runs(study) == {}  # so the next invocation runs the cell again
 
 
 def test_a_checkpointed_run_continues_where_it_was_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -148,5 +147,12 @@ def test_leaderboard_runs_every_task_and_row_in_smoke_mode(tmp_path: Path) -> No
     assert ran == {(t, m) for t in ("modular", "parity", "digits") for m in ("none", "ema", "ema_ma", "stablemax_wd0")}
     assert {run["weight_decay"] for run in report["runs"] if run["config"] == "stablemax_wd0"} == {0.0}
     assert "| task | row | wd |" in result.stdout
-    again = _run("grokking_leaderboard", tmp_path, "--resume", "--table-only")
+    again = _run("grokking_leaderboard", tmp_path, "--table-only")
     assert again.stdout.count("| parity (95%) |") == 4
+
+
+def test_leaderboard_runs_only_the_cells_its_storage_lacks(tmp_path: Path) -> None:
+    _run("grokking_leaderboard", tmp_path, "--tasks", "digits", "--methods", "none")
+    more = _run("grokking_leaderboard", tmp_path, "--tasks", "digits", "--methods", "none", "ma")
+    assert "digits/ma seed 0" in more.stdout and "digits/none seed 0" not in more.stdout  # none: from the storage
+    assert more.stdout.count("| digits (90%) |") == 2

@@ -20,6 +20,7 @@ from lightning_grokfast.core.amp import scaler_found_inf
 from lightning_grokfast.core.binding import OptimizerBinding, ParamSelection
 from lightning_grokfast.core.config import FilterConfig, TunableSettings
 from lightning_grokfast.core.filters import GradientFilter, StepInfo, check_structure
+from lightning_grokfast.core.metrics import filter_metrics
 from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
 
 _STATE_FORMAT = 2
@@ -170,6 +171,8 @@ class GrokfastCallback(TunableSettings, Callback):
             GrokfastCallback.from_speedup(100)                     # alpha = 0.1 ** (1 / 100) = 0.977
             GrokfastCallback.from_speedup(50, filter="ma", lamb=5)  # window_size = 50
 
+        Returns:
+            The callback.
         """
         return cls(filter=filter, speedup=speedup, **kwargs)
 
@@ -204,12 +207,17 @@ class GrokfastCallback(TunableSettings, Callback):
     def boost_lamb(self, factor: float, max_lamb: float | None = None) -> float:
         """Multiply every amplification (``lamb`` and ``ma_lamb``) by ``factor``, capped at ``max_lamb``.
 
+        A value already above the cap is not lowered.
+
+        Args:
+            factor: the multiplier, ``>= 0``.
+            max_lamb: the cap, ``>= 0``, or ``None`` for no cap.
+
         Returns:
             The new ``lamb``.
 
         Raises:
             ValueError: If ``factor`` or ``max_lamb`` is negative or not finite.
-
         """
         factor = check_lamb(factor, "factor")
         cap = float("inf") if max_lamb is None else check_lamb(max_lamb, "max_lamb")
@@ -342,22 +350,7 @@ class GrokfastCallback(TunableSettings, Callback):
     def _log(self, pl_module: pl.LightningModule, binding: OptimizerBinding, info: StepInfo) -> None:
         index = self._indices.get(id(binding.optimizer), 0)
         prefix = "grokfast/" if index == 0 else f"grokfast/optimizer{index}/"
-        metrics: dict[str, Any] = {
-            f"{prefix}lamb": self.lamb,
-            f"{prefix}skipped_steps": float(binding.filter.skipped_steps),
-        }
-        if self.config.uses_ema:
-            metrics[f"{prefix}alpha"] = self.alpha
-        if self.config.filter == "ema+ma":
-            metrics[f"{prefix}ma_lamb"] = self.ma_lamb
-        if info.grad_norm is not None:
-            metrics[f"{prefix}grad_norm"] = info.grad_norm
-        if info.slow_norm is not None:
-            metrics[f"{prefix}slow_norm"] = info.slow_norm
-            if info.grad_norm is not None:
-                metrics[f"{prefix}slow_to_grad_ratio"] = info.slow_norm / info.grad_norm.clamp_min(1e-30)
-        if info.guard_scale is not None:
-            metrics[f"{prefix}guard_scale"] = info.guard_scale
+        metrics = filter_metrics(binding.filter, info, prefix)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
 
     # ------------------------------------------------------------------ checkpointing

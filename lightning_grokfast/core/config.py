@@ -125,7 +125,14 @@ class FilterConfig:
         return self.resum_every if self.resum_every is not None else 10 * self.window_size
 
     def amplifications(self, scale: float = 1.0) -> tuple[float, float]:
-        """The (EMA, MA) multipliers of the slow terms, times ``scale`` (a per-parameter ``lamb_scale``)."""
+        """The (EMA, MA) multipliers of the slow terms, times ``scale``.
+
+        Args:
+            scale: a per-parameter factor (from ``lamb_scale``).
+
+        Returns:
+            ``(ema_coefficient, ma_coefficient)``; a term the filter does not keep has 0.
+        """
         if self.filter == "ema":
             return self.lamb * scale, 0.0
         if self.filter == "ma":
@@ -135,15 +142,27 @@ class FilterConfig:
         return 0.0, 0.0
 
     def tunables(self) -> dict[str, float]:
-        """The settings training may change, as plain floats (what a checkpoint restores)."""
+        """The settings training may change, as plain floats (what a checkpoint restores).
+
+        Returns:
+            ``{"alpha": ..., "lamb": ..., "ma_lamb": ...}``.
+        """
         return {name: float(getattr(self, name)) for name in TUNABLE_FIELDS}
 
     def structure(self) -> dict[str, Any]:
-        """The settings the saved state depends on (a checkpoint must match them)."""
+        """The settings the saved state depends on (a checkpoint must match them).
+
+        Returns:
+            ``{"filter": ..., "window_size": ...}``.
+        """
         return {"filter": self.filter, "window_size": self.window_size if self.uses_ma else None}
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain Python (``state_dtype`` as its name)."""
+        """Every field as plain Python (``state_dtype`` as its name).
+
+        Returns:
+            ``{field: value}``; ``FilterConfig(**config.to_dict())`` rebuilds the config.
+        """
         out = dataclasses.asdict(self)
         out["state_dtype"] = None if self.state_dtype is None else str(self.state_dtype).removeprefix("torch.")
         return out
@@ -180,9 +199,16 @@ class FilterConfig:
     def from_speedup(cls, speedup: float, filter: str = "ema", **kwargs: Any) -> FilterConfig:
         """A config from :meth:`speedup_settings`, other fields from ``kwargs``.
 
+        Args:
+            speedup: the target acceleration ``N > 1``.
+            filter: ``"ema"`` (sets ``alpha``), ``"ma"`` (sets ``window_size``) or ``"ema+ma"`` (both).
+            **kwargs: the other fields.
+
+        Returns:
+            The config.
+
         Raises:
             ValueError: If an argument is out of its range.
-
         """
         return cls(**{**kwargs, **cls.speedup_settings(speedup, filter)})
 
@@ -218,6 +244,14 @@ class TunableSettings:
 
     Mixed into everything users hold (the filter, the callback, the handle of ``attach_grokfast``), so each reads and
     writes the one shared :class:`FilterConfig`.
+
+    Example::
+
+        >>> from lightning_grokfast import GradientFilter
+        >>> filt = GradientFilter("ema", lamb=2.0)
+        >>> filt.lamb = 4.0  # validated, and shared with filt.config
+        >>> filt.config.lamb
+        4.0
     """
 
     config: FilterConfig

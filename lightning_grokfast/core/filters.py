@@ -44,7 +44,7 @@ class _Term(NamedTuple):
     tensors: list[Tensor]
     lamb: float
     unit: float
-    added: bool = False  # already added to the gradients (the fused kernel of ``compile=True``)
+    added: bool = False  # already added to the gradients (the fused EMA step of ``compile=True``)
 
     @property
     def coef(self) -> float:
@@ -79,7 +79,7 @@ class GradientFilter(TunableSettings):
     Args:
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"`` (see :class:`~lightning_grokfast.FilterConfig`).
         config: a :class:`~lightning_grokfast.FilterConfig` to share (then pass no other argument).
-        \**kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
+        **kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
             ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``, ``resum_every``,
             ``check_finite``, ``orthogonal``, ``max_amplified_ratio``, ``compile``).
 
@@ -132,9 +132,11 @@ class GradientFilter(TunableSettings):
     def set_lamb_scales(self, scales: Mapping[str, float]) -> None:
         """Multiply ``lamb`` by ``scales[name]`` for the named gradients (others: 1.0).
 
+        Args:
+            scales: ``{gradient name: factor >= 0}``; replaces the previous scales.
+
         Raises:
             ValueError: If a factor is negative or not finite.
-
         """
         self._lamb_scales = {name: check_lamb(scale, f"lamb scale of {name!r}") for name, scale in scales.items()}
         self._invalidate()
@@ -190,13 +192,21 @@ class GradientFilter(TunableSettings):
         dtype = self._state_dtype_for(grad)
         if state.ema is not None and state.ema.dtype != dtype:
             state.ema = state.ema.to(dtype)
-        if state.ma_history is not None and state.ma_sum is not None and state.ma_history.dtype != dtype:
+        if state.ma_history is not None and state.ma_history.dtype != dtype:
+            assert state.ma_sum is not None  # a window always has its running sum
             state.ma_history = state.ma_history.to(dtype)
             torch.sum(state.ma_history, dim=0, dtype=state.ma_sum.dtype, out=state.ma_sum)  # what the window keeps
         return state
 
     def empty_state(self, like: Tensor) -> ParamState:
-        """A fresh record for a gradient shaped, placed and typed like ``like`` (nothing seen yet)."""
+        """A fresh record for a gradient shaped, placed and typed like ``like`` (nothing seen yet).
+
+        Args:
+            like: a gradient (or its parameter).
+
+        Returns:
+            The record, with zero tensors for the state this filter keeps.
+        """
         state_dtype = self._state_dtype_for(like)
         state = ParamState()
         if self.uses_ema:
@@ -291,7 +301,14 @@ class GradientFilter(TunableSettings):
         )
 
     def local_found_inf(self, grads: Sequence[Tensor]) -> Tensor:
-        """A float 0-dim tensor, 1.0 when some of ``grads`` is not finite (for an all-reduce across ranks)."""
+        """Whether some of ``grads`` is not finite, as a float tensor (for an all-reduce across ranks).
+
+        Args:
+            grads: this rank's gradients (or shards).
+
+        Returns:
+            A 0-dim float tensor on the gradients' device: 1.0 when some element is not finite, else 0.0.
+        """
         if not grads:
             return torch.zeros(())
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -313,7 +330,7 @@ class GradientFilter(TunableSettings):
         return None
 
     def _fuses_ema(self) -> bool:
-        """Whether the EMA or MA update and its amplification run as one compiled kernel (``compile=True``)."""
+        """Whether this step runs the EMA update and its amplification as one compiled kernel (``compile=True``)."""
         config = self.config
         return (
             config.compile
@@ -325,8 +342,7 @@ class GradientFilter(TunableSettings):
     def _update_state(self, group: _Group, grads: list[Tensor], fuse: bool = False) -> list[_Term]:
         """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add.
 
-        With ``fuse`` the slow term is added here by the compiled kernel (not on an EMA's first step, MA warm-up
-        steps or re-summation steps, which take the foreach path).
+        With ``fuse`` (and an EMA already started) the EMA term is added here, by the compiled fused kernel.
         """
         config = self.config
         lamb_ema, lamb_ma = config.amplifications(group.lamb_scale)
@@ -423,12 +439,21 @@ class GradientFilter(TunableSettings):
         return MappingProxyType(self._states)
 
     def set_state(self, name: str, state: ParamState) -> None:
-        """Replace the record of ``name`` (e.g. restored from a checkpoint)."""
+        """Replace the record of ``name`` (e.g. restored from a checkpoint).
+
+        Args:
+            name: the gradient's name.
+            state: its new record.
+        """
         self._states[name] = state
         self._invalidate()
 
     def drop_state(self, names: Sequence[str]) -> None:
-        """Forget the records of ``names``."""
+        """Forget the records of ``names``.
+
+        Args:
+            names: the gradients' names; unknown names are ignored.
+        """
         for name in names:
             self._states.pop(name, None)
         self._invalidate()
@@ -452,12 +477,20 @@ class GradientFilter(TunableSettings):
         return self.skipped_steps
 
     def counters(self) -> dict[str, Any]:
-        """Filter-wide counters as plain values (steps, skipped steps, the guard's running norm)."""
+        """Filter-wide counters as plain values (steps, skipped steps, the guard's running norm).
+
+        Returns:
+            The counters, for :meth:`load_counters`.
+        """
         guard = None if self._guard_norm is None else float(self._guard_norm)
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "guard_norm": guard}
 
     def load_counters(self, counters: Mapping[str, Any]) -> None:
-        """Restore what :meth:`counters` returned."""
+        """Restore what :meth:`counters` returned.
+
+        Args:
+            counters: the counters.
+        """
         self.steps = int(counters.get("steps", 0))
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         guard = counters.get("guard_norm")
@@ -468,6 +501,9 @@ class GradientFilter(TunableSettings):
 
         Tensors are the live state (as ``torch.optim.Optimizer.state_dict`` does): save or copy it before further
         steps.
+
+        Returns:
+            The settings the state depends on, the counters and one entry per gradient name.
         """
         return {
             "format": _STATE_FORMAT,
@@ -504,11 +540,22 @@ class GradientFilter(TunableSettings):
             self._states[name] = record
 
     def state_names(self) -> set[str]:
-        """Names that have filter state."""
+        """Names that have filter state.
+
+        Returns:
+            The names.
+        """
         return set(self._states)
 
     def place(self, devices: Mapping[str, torch.device]) -> GradientFilter:
-        """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint)."""
+        """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint).
+
+        Args:
+            devices: ``{gradient name: device}``; names without state are ignored.
+
+        Returns:
+            This filter.
+        """
         for name, device in devices.items():
             if name in self._states:
                 self._states[name] = self._states[name].to(device)
@@ -516,7 +563,11 @@ class GradientFilter(TunableSettings):
         return self
 
     def state_bytes(self) -> int:
-        """Bytes of tensor state currently held."""
+        """Bytes of tensor state currently held.
+
+        Returns:
+            The sum of ``numel * element_size`` over every state tensor.
+        """
         return sum(t.numel() * t.element_size() for s in self._states.values() for t in s.tensors())
 
 
