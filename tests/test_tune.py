@@ -94,6 +94,14 @@ def test_progress_line_names_the_trial_settings_steps_and_best(storage: str, cap
     assert all("filter=" in line and "steps" in line and "| best" in line for line in lines)
 
 
+def test_a_trial_repeating_finished_settings_takes_their_value_without_training(storage: str, tmp_path: Path) -> None:
+    space = space_file(tmp_path, {"filter": "none"})
+    main(tune_args(storage, "--n-trials", "2", "--pruner", "none", "--search-space", space))
+    first, second = load(storage).trials
+    assert second.value == first.value and second.user_attrs["repeats_trial"] == 0
+    assert "seconds" not in second.user_attrs  # nothing was trained
+
+
 # ---------------------------------------------------------------------- search space
 def test_default_search_space_covers_the_four_filters_and_their_settings() -> None:
     assert DEFAULT_SEARCH_SPACE["filter"] == ["none", "ema", "ma", "ema+ma"]

@@ -261,9 +261,20 @@ def run_trial(trial: optuna.Trial, fit_config: dict[str, Any], space: SearchSpac
     """One trial: draw the settings, fit every seed, record them, return the median value.
 
     The first seed's validation curve is reported to the pruner (the later seeds run only if it is not pruned).
+    Settings that repeat a finished trial's (``filter: none`` has nothing else to draw) take its value without
+    training again.
     Per-seed steps, the step budget and any error are stored as the trial's user attributes.
     """
+    import optuna
+
     settings = space.sample(trial)
+    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    for previous in finished:  # the fits are seeded: the same settings give the same runs
+        if previous.params == trial.params and previous.value is not None:
+            for key in ("steps_to_target", "best_value", "cap"):
+                trial.set_user_attr(key, previous.user_attrs.get(key))
+            trial.set_user_attr("repeats_trial", previous.number)
+            return previous.value
     config = apply_settings(fit_config, settings)
     outcomes = []
     try:
