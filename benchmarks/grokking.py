@@ -167,6 +167,10 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    from figures import paper_figure  # every seed's steps to 95 %, unreached runs marked at their cap
+
+    paper = {name: steps for name, (_, _, steps) in CONFIGS.items() if steps}
+    paper_figure(runs, labels, paper, path.with_name(f"{path.stem}_steps.png"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

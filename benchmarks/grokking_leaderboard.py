@@ -20,9 +20,10 @@ task's cap. ``--seeds`` (default 0 1 2); ``--smoke`` for the tests. Every run is
 ``leaderboard-<task>`` in the Optuna storage ``--storage`` (default ``benchmarks/results/grokking.db``, see
 ``grokking_store.py``): a cell (row, seed) already finished there is not run again, so an interrupted invocation
 resumes where it stopped, the grid can be run piecewise (``--methods none ema --seeds 1 2``), and several
-processes can share it. The table ``<stem>.md``, the figure ``<stem>.png`` and the JSON export ``<stem>.json``
-(stem ``grokking_leaderboard`` by default) are made from everything in the storage for ``--tasks``
-(``--table-only``: nothing trained). ``--migrate`` adds the runs of JSON reports of earlier versions.
+processes can share it. The table ``<stem>.md``, the JSON export ``<stem>.json`` and the figures
+``<stem>_steps_<task>.png`` and ``<stem>_curves.png`` (stem ``grokking_leaderboard`` by default) are made from
+everything in the storage for ``--tasks`` (``--table-only``: nothing trained). ``--migrate`` adds the runs of JSON
+reports of earlier versions.
 """
 
 from __future__ import annotations
@@ -102,22 +103,14 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
     return "\n".join([*lines, ""])
 
 
-def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
-    """Accuracy curves of every run, one panel per task."""
-    import matplotlib
+def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> list[Path]:
+    """Per task, steps to the target by row with every seed (``<stem>_steps_<task>.png``), and a few curves
+    (``<stem>_curves.png``); see ``figures.py``."""
+    from figures import leaderboard_figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from grokking_common import plot_curves
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
-    for ax, task_name in zip(axes[0], tasks):
-        task_runs = [r for r in runs if r["task"] == task_name]
-        labels = {n: METHODS[n].label for n in METHODS if any(r["config"] == n for r in task_runs)}
-        plot_curves(ax, task_runs, labels, TASKS[task_name].label, TASKS[task_name].marks[-1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    labels = {name: method.label for name, method in METHODS.items()}
+    targets = {name: TASKS[name].marks[-1] for name in tasks}
+    return leaderboard_figures(runs, labels, targets, path.parent, prefix=f"{path.stem}_")
 
 
 def study_name(task: str, mode: str) -> str:
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(runs, list(report["summary"]), args.out_dir / f"{stem}.png")
     json_path = args.out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[grokking] wrote {stem}.md, {stem}.png and {stem}.json from {storage}")
+    print(f"[grokking] wrote {stem}.md, {stem}.json and {stem}_*.png from {storage}")
     return report
 
 

@@ -1,7 +1,11 @@
 """What Grokfast costs per optimizer step: ours, the paper's algorithm as published, and the PyPI anchors.
 
-Four sections, each reported as ratios (times are printed next to them only to show the scale):
+Six sections, each reported as ratios (times are printed next to them only to show the scale):
 
+``glue``
+    What the entry points cost around the maths on the paper's model: ``GrokfastCallback.on_before_optimizer_step``
+    (in a real ``Trainer.fit``) and the ``attach_grokfast`` pre-hook (in a plain loop), each against a bare
+    ``GradientFilter.step`` on the same gradients, alternating step by step (see ``overhead_glue.py``).
 ``trainer``
     Whole training step of the paper's model (``GrokTransformer`` on ``x*y mod 97``, batch 512) through the real
     ``lightning.pytorch.Trainer`` (no validation, no logger): step time with a filter / step time without. Our
@@ -19,7 +23,12 @@ Four sections, each reported as ratios (times are printed next to them only to s
     time of one ``torch._foreach_copy_`` of the same gradients (the memory-traffic floor; measured just before each
     filter call, paired); (c) optimizer-step time with grokfast / plain ``torch.optim.AdamW`` for ours (filter +
     AdamW), the published algorithm (+ AdamW), ``GrokFastAdamW`` and ``GrokAdamW``; bytes of state per parameter
-    beyond AdamW's. Only the EMA fits here: a moving average keeps ``window_size`` gradients per parameter.
+    beyond AdamW's. Also the EMA with a bfloat16 state, with ``compile=True`` (one fused kernel per tensor; the
+    compile time is printed), and its foreach floor (``lerp_`` + ``add_``, nothing else).
+``ma``
+    MA window 100 alone / ``foreach_copy_`` on as many parameters as its window fits in ``--ma-memory-gb``: the
+    default (check), AMP (found_inf), a bfloat16 window, and its foreach floor (sub, copy, add, add); and the
+    exact bytes of state per parameter for every filter x gradient dtype x ``state_dtype``.
 ``window``
     Every filter, moving averages included, alone / ``foreach_copy_`` on as many parameters as the largest window
     allows within ``--ma-memory-gb``, one filter at a time (so MA w=100 and w=1000 run on the same tensors).
@@ -29,8 +38,9 @@ Our filter is measured two ways: "check" is the default (it verifies the gradien
 Moving averages are timed full (steady state): ours with ``warmup=False`` in the training sections (same work per
 step as a full window), or pre-filled through ``step(amplify=False)``; the published one with a pre-filled window.
 
-Run ``python benchmarks/overhead.py`` (all sections), ``--sections trainer loop``, ``--smoke`` (seconds, for the
-tests), ``--device cuda``. Prints markdown tables and writes ``benchmarks/results/overhead.{json,md}``.
+Run ``python benchmarks/overhead.py`` (all sections, under 10 minutes on a quiet 2-core CPU), ``--sections trainer
+loop``, ``--smoke`` (seconds, for the tests), ``--device cuda``, ``--no-compile``.
+Prints markdown tables and writes ``benchmarks/results/overhead.{json,md}``.
 """
 
 from __future__ import annotations
@@ -54,10 +64,12 @@ from overhead_common import (
     block_schedule,
     paired_ratios,
 )
+from overhead_glue import run_glue_section
 from overhead_large import (
     run_large_section,
     run_window_section,
 )
+from overhead_ma import run_ma_section
 from overhead_report import (
     markdown,
 )
@@ -83,15 +95,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--large-rounds", type=int, help="interleaved rounds in `large` (default 10)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--no-anchors", action="store_true", help="leave out GrokFastAdamW and GrokAdamW")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compile=True EMA row in `large`")
+    parser.add_argument("--glue-steps", type=int, help="alternating steps per run in `glue` (default 200)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     settings = Settings.smoke_settings(device) if args.smoke else Settings(device=device)
-    for name in ("rounds", "params", "ma_memory_gb", "large_rounds"):
+    for name in ("rounds", "params", "ma_memory_gb", "large_rounds", "glue_steps"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.anchors = not args.no_anchors
+    settings.compile = settings.compile and not args.no_compile
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.smoke:
@@ -99,9 +114,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_lightning()
 
     runners = {
+        "glue": run_glue_section,
         "trainer": run_trainer_section,
         "loop": run_loop_section,
         "large": run_large_section,
+        "ma": run_ma_section,
         "window": run_window_section,
     }
     results: dict[str, Any] = {}

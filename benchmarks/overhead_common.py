@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_grokfast.tasks import GrokTransformer
 
-SECTIONS = ("trainer", "loop", "large", "window")
+SECTIONS = ("glue", "trainer", "loop", "large", "ma", "window")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -78,12 +78,14 @@ class Settings:
     p: int = 97
     dim: int = 128
     batch_size: int = 512
-    rounds: int = 20
+    rounds: int = 5
     block: int | None = None  # steps per block; None: one epoch
     params: int = 50_000_000
     ma_memory_gb: float = 6.0
-    large_rounds: int = 10
+    large_rounds: int = 5
     window_iters: int = 10
+    glue_steps: int = 200
+    compile: bool = True
     anchors: bool = True
     smoke: bool = False
 
@@ -101,6 +103,8 @@ class Settings:
             ma_memory_gb=0.05,
             large_rounds=1,
             window_iters=1,
+            glue_steps=20,
+            compile=False,
             smoke=True,
         )
 

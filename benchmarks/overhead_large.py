@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,14 +101,28 @@ class GradBench:
         return timed(self.restore, self.device), timed(fn, self.device)
 
 
-def ours_filter(bench: GradBench, spec: FilterSpec, found_inf: bool) -> tuple[GradientFilter, Callable[[], Any]]:
-    kwargs = dict(spec.ours)
+def ours_filter(
+    bench: GradBench, spec: FilterSpec, found_inf: bool, **extra: Any
+) -> tuple[GradientFilter, Callable[[], Any]]:
+    kwargs = {**spec.ours, **extra}
     filt = GradientFilter(kwargs.pop("filter"), **kwargs)
     names = bench.names
     verdict = torch.zeros((), device=bench.device) if found_inf else None
     for _ in range(spec.window):  # fill the window (no amplification, gradients untouched)
         filt.step(names, bench.grads(), amplify=False, found_inf=torch.zeros((), device=bench.device))
     return filt, lambda: filt.step(names, bench.grads(), found_inf=verdict)
+
+
+_FLOOR_STATE: dict[int, list[Tensor]] = {}
+
+
+def ema_floor(grads: list[Tensor]) -> None:
+    """The EMA's maths alone, as two foreach calls and nothing else (no check, no grouping): its foreach floor."""
+    state = _FLOOR_STATE.get(id(grads[0]))
+    if state is None:
+        state = _FLOOR_STATE[id(grads[0])] = [g.clone() for g in grads]
+    torch._foreach_lerp_(state, grads, 0.02)
+    torch._foreach_add_(grads, state, alpha=2.0)
 
 
 def reference_filter(bench: GradBench, spec: FilterSpec) -> tuple[dict[str, Any], Callable[[], Any]]:
@@ -131,6 +146,7 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     adamw = torch.optim.AdamW(bench.params, lr=1e-5, weight_decay=0.01)
     ours, ours_step = ours_filter(bench, ema, found_inf=False)
     ours_amp, ours_amp_step = ours_filter(bench, ema, found_inf=True)
+    _, ours_bf16_step = ours_filter(bench, ema, found_inf=False, state_dtype="bfloat16")
     ref_holder, ref_step = reference_filter(bench, ema)
 
     def norm_pass() -> None:
@@ -139,13 +155,23 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     variants: dict[str, Callable[[], Any]] = {
         "filter/ours EMA (check)": ours_step,
         "filter/ours EMA (found_inf)": ours_amp_step,
+        "filter/ours EMA bf16 state (check)": ours_bf16_step,
         "filter/reference EMA": ref_step,
         "filter/foreach_norm pass": norm_pass,
+        "filter/floor: lerp_ + add_ (2 foreach calls)": lambda: ema_floor(bench.grads()),
         "optimizer/AdamW": adamw.step,
         "optimizer/ours EMA (check) + AdamW": lambda: (ours_step(), adamw.step()),
         "optimizer/ours EMA (found_inf) + AdamW": lambda: (ours_amp_step(), adamw.step()),
         "optimizer/reference EMA + AdamW": lambda: (ref_step(), adamw.step()),
     }
+    if settings.compile:
+        _, ours_fused_step = ours_filter(bench, ema, found_inf=False, compile=True)
+        ours_fused_step()  # starts the EMA (foreach path)
+        start = time.perf_counter()
+        ours_fused_step()  # compiles
+        print(f"[overhead] large: compiled the fused EMA step in {time.perf_counter() - start:.0f} s")
+        variants["filter/ours EMA compile=True (check)"] = ours_fused_step
+        variants["optimizer/ours EMA compile=True (check) + AdamW"] = lambda: (ours_fused_step(), adamw.step())
     anchor_optimizers: dict[str, torch.optim.Optimizer] = {}
     classes = anchor_classes() if settings.anchors else None
     if classes is not None:
@@ -188,6 +214,7 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
     beyond_adamw = {
         "ours EMA (check) + AdamW": ours.state_bytes(),
         "ours EMA (found_inf) + AdamW": ours_amp.state_bytes(),
+        "ours EMA compile=True (check) + AdamW": ours.state_bytes(),
         "reference EMA + AdamW": reference_state_bytes(ref_holder["state"]),
         "GrokFastAdamW off": 0,
     }

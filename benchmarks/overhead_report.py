@@ -39,6 +39,12 @@ def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
         return fmt_bytes(variants[key].get("state_bytes_per_param")) if key in variants else "n/a"
 
     size = f"{big['params'] / 1e6:.0f}M" if big else "n/a"
+    ma = results.get("ma", {})
+    ma_size = f"{ma['params'] / 1e6:.1f}M" if ma else "n/a"
+
+    def ma_copy(name: str) -> str:
+        return copy_spread(ma["filters"][name]) if ma and name in ma["filters"] else "n/a"
+
     ema_ours = copy("ours EMA (check)") + " check; " + copy("ours EMA (found_inf)") + " found_inf"
     opt_ours = opt("ours EMA (check) + AdamW") + " check; " + opt("ours EMA (found_inf) + AdamW") + " found_inf"
     gfa_opt = opt("GrokFastAdamW on") + "; its own on / off " + opt("GrokFastAdamW on", "to_own_off")
@@ -57,6 +63,12 @@ def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
         f" | {step(f'ours/ma{large}')} | no MA | no MA |",
         f"| EMA filter alone / `foreach_copy_`, {size} params | | {copy('reference EMA')} | {ema_ours}"
         " | inside its step | inside its step |",
+        f"| EMA floor (`lerp_` + `add_` only) / `foreach_copy_`, {size} params | | |"
+        f" {copy('floor: lerp_ + add_ (2 foreach calls)')}"
+        f"; compile=True {copy('ours EMA compile=True (check)')} | | |",
+        f"| MA w{small} filter alone / `foreach_copy_`, {ma_size} params | | |"
+        f" {ma_copy(f'ours MA w{small} (check)')} check;"
+        f" floor (4 foreach calls) {ma_copy('floor: sub_, copy_, add_, add_ (4 foreach calls)')} | no MA | no MA |",
         f"| optimizer step with EMA / torch AdamW, {size} params | | {opt('reference EMA + AdamW')} (+ AdamW)"
         f" | {opt_ours} (+ AdamW) | {gfa_opt} | {opt('GrokAdamW')} |",
         f"| state bytes per parameter, EMA / MA w{small} / MA w{large} | | {state('reference/ema')} /"
@@ -71,7 +83,10 @@ def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
 def markdown(results: dict[str, Any], settings: Settings) -> str:
     """The README tables."""
     specs = filter_specs(settings.windows)
-    lines: list[str] = headline_table(results, settings) if "trainer" in results or "large" in results else []
+    shown = ("trainer", "large", "ma")
+    lines: list[str] = headline_table(results, settings) if any(k in results for k in shown) else []
+    if "glue" in results:
+        lines += glue_table(results["glue"])
     for section, title in (
         ("trainer", "Training step of the paper's model through `Trainer.fit` (step with filter / step without)"),
         ("loop", "Training step of the paper's model in a plain PyTorch loop (step with filter / step without)"),
@@ -103,6 +118,11 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
                     if not math.isnan(row.get("filter_share", math.nan))
                 ),
             ]
+        if "ours/ema_compile" in variants:
+            row = variants["ours/ema_compile"]
+            lines.append(
+                f"| EMA, `compile=True` | {ratio_spread(row)} | n/a | {fmt_bytes(row.get('state_bytes_per_param'))} | |"
+            )
         anchors = results[section].get("anchors") or {}
         for name, row in anchors.items():
             lines.append(f"| anchor: {name} | {ratio_spread(row)} | | | |")
@@ -134,6 +154,18 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
                 f" | {fmt_bytes(row['state_bytes_per_param_beyond_adamw'])} |"
             )
         lines.append("")
+    if "ma" in results:
+        ma = results["ma"]
+        lines += [
+            f"**MA window {ma['window']} alone on {ma['params'] / 1e6:.2f}M parameters / one `torch._foreach_copy_`**"
+            " (memory floor: 6 tensor passes, 3x a copy's 2)",
+            "",
+            "| variant | filter / copy (median, min-max) | state bytes/param |",
+            "|---|---|---|",
+        ]
+        for name, row in ma["filters"].items():
+            lines.append(f"| {name} | {copy_spread(row)} | {fmt_bytes(row['state_bytes_per_param'])} |")
+        lines += ["", *memory_table(ma["state_bytes"])]
     if "window" in results:
         window = results["window"]
         lines += [
@@ -147,6 +179,39 @@ def markdown(results: dict[str, Any], settings: Settings) -> str:
             lines.append(f"| {name} | {copy_spread(row)} | {fmt_bytes(row['state_bytes_per_param'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def glue_table(glue: dict[str, Any]) -> list[str]:
+    """Entry point / bare filter step on the paper's model (steps alternate within one run)."""
+    lines = [
+        f"**Glue: entry point / bare `GradientFilter.step` on the paper's model** (medians over {glue['steps']}"
+        " alternating steps; goal: at most 1.0x + noise)",
+        "",
+        "| entry point | filter | entry point | bare filter step | ratio | glue |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in glue["variants"].items():
+        entry = key.split("/")[0]
+        lines.append(
+            f"| {entry} | {row['label']} | {fmt_ms(row['entry_s'])} | {fmt_ms(row['filter_s'])}"
+            f" | {row['ratio']:.2f}x | {fmt_ms(row['glue_s'])} |"
+        )
+    return [*lines, ""]
+
+
+def memory_table(table: dict[str, dict[str, float]]) -> list[str]:
+    """Bytes of filter state per parameter by filter, gradient dtype and ``state_dtype`` (exact counts)."""
+    lines = [
+        "**Filter state, bytes per parameter** (`state_dtype`; the MA running sum is float32 in every column)",
+        "",
+        "| filter / gradient dtype | float32 (default) | bfloat16 | None (gradient's dtype) |",
+        "|---|---|---|---|",
+    ]
+    for key, row in table.items():
+        lines.append(
+            f"| {key} | {fmt_bytes(row['float32'])} | {fmt_bytes(row['bfloat16'])} | {fmt_bytes(row['None'])} |"
+        )
+    return [*lines, ""]
 
 
 def ratio_spread(row: dict[str, float] | None) -> str:

@@ -89,6 +89,18 @@ def ours_callback(spec: FilterSpec) -> GrokfastCallback:
     return KeyedGrokfastCallback(spec.key, **kwargs, enabled=False, log_stats=False)
 
 
+def compiled_callbacks(settings: Settings) -> dict[str, GrokfastCallback]:
+    """The EMA with ``compile=True`` (its first enabled block, in the warm-up round, compiles)."""
+    if not settings.compile:
+        return {}
+    ema = filter_specs(settings.windows)[0]
+    return {
+        "ours/ema_compile": KeyedGrokfastCallback(
+            "ema_compile", **ema.ours, compile=True, enabled=False, log_stats=False
+        )
+    }
+
+
 def reference_callback(spec: FilterSpec) -> ReferenceGrokfastCallback:
     assert spec.reference is not None
     kind = "ma" if spec.window else "ema"
@@ -104,7 +116,7 @@ def run_trainer_section(settings: Settings) -> dict[str, Any]:
     specs = filter_specs(settings.windows)
     result: dict[str, Any] = {"variants": {}}
     sessions = {
-        "ours": {f"ours/{spec.key}": ours_callback(spec) for spec in specs},
+        "ours": {f"ours/{spec.key}": ours_callback(spec) for spec in specs} | compiled_callbacks(settings),
         "reference": {f"reference/{spec.key}": reference_callback(spec) for spec in specs if spec.reference},
     }
     for session, callbacks in sessions.items():

@@ -20,6 +20,7 @@ _EXPORTS = {
     "GrokfastHandle": "lightning_grokfast.integrations.hook",
     "attach_grokfast": "lightning_grokfast.integrations.hook",
     "GrokfastCallback": "lightning_grokfast.callbacks.grokfast",
+    "GrokfastTrainerCallback": "lightning_grokfast.integrations.hf",
     "GrokkingDashboardCallback": "lightning_grokfast.callbacks.dashboard",
     "GrokkingDetectorCallback": "lightning_grokfast.callbacks.detector",
     "GrokkingStateMachine": "lightning_grokfast.callbacks.detector",
@@ -37,7 +38,9 @@ __all__ = [
     "StepInfo",
     "attach_grokfast",
 ]
-assert sorted(__all__) == sorted(_EXPORTS)
+#: importable by name but left out of ``from lightning_grokfast import *``, which would need the ``[hf]`` extra
+_OPTIONAL = {"GrokfastTrainerCallback"}
+assert sorted(__all__) == sorted(set(_EXPORTS) - _OPTIONAL)
 
 if TYPE_CHECKING:
     from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from lightning_grokfast.core.config import FilterConfig
     from lightning_grokfast.core.filters import GradientFilter
     from lightning_grokfast.core.state import ParamState, StepInfo
+    from lightning_grokfast.integrations.hf import GrokfastTrainerCallback as GrokfastTrainerCallback
     from lightning_grokfast.integrations.hook import GrokfastHandle, attach_grokfast
 
 

@@ -109,7 +109,7 @@ def _run_script(name: str, tmp_path: Path, *args: str) -> subprocess.CompletedPr
 def test_overhead_script_runs_in_smoke_mode(tmp_path: Path) -> None:
     result = _run_script("overhead", tmp_path)
     report = json.loads((tmp_path / "overhead_smoke.json").read_text())
-    assert set(report["results"]) == {"trainer", "loop", "large", "window"}
+    assert set(report["results"]) == {"glue", "trainer", "loop", "large", "ma", "window"}
     assert "ours/ema" in report["results"]["trainer"]["variants"]
     assert "| target |" not in result.stdout  # the script measures; the targets are in the README
     assert "Training step of the paper's model through `Trainer.fit`" in result.stdout

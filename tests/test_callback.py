@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -391,3 +392,23 @@ def test_bf16_true_parameters_keep_float32_filter_state():
     assert next(model.parameters()).dtype == torch.bfloat16
     state = callback.filters[0].state_dict()["params"]
     assert {entry["ema"].dtype for entry in state.values()} == {torch.float32}
+
+
+def test_lamb_is_restored_from_a_checkpoint_written_before_the_compile_option(tmp_path: Path):
+    callback = GrokfastCallback(filter="ema", lamb=2.0)
+    callback.boost_lamb(2.0)
+    state = callback.state_dict()
+    del state["user"]["config"]["compile"]  # as written by 0.2, which had no `compile` field
+    resumed = GrokfastCallback(filter="ema", lamb=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a field the checkpoint lacks, at its default, is no difference
+        resumed.load_state_dict(state)
+    assert resumed.lamb == 4.0
+
+
+def test_bfloat16_state_dtype_keeps_a_float32_model_state_in_bfloat16():
+    callback = GrokfastCallback(filter="ema+ma", window_size=3, state_dtype="bfloat16")
+    trainer(max_steps=3, callbacks=[callback]).fit(TinyModel())
+    states = callback.filters[0].states.values()
+    assert all(s.ema.dtype == s.ma_history.dtype == torch.bfloat16 for s in states)
+    assert all(s.ma_sum.dtype == torch.float32 for s in states)

@@ -41,3 +41,14 @@ def test_loop_example_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sys, "argv", [str(script), "--tiny"])
     runpy.run_path(str(script), run_name="__main__")
     assert any(tmp_path.glob("*.pt")) or any(tmp_path.glob("*.ckpt"))
+
+
+def test_hf_trainer_example_runs_tiny_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("transformers")  # in the `hf` extra
+    script = ROOT / "examples" / "hf_trainer.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "resumed run ends with the uninterrupted run's weights: True" in capsys.readouterr().out

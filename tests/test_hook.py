@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,147 @@ def test_two_filters_on_the_same_parameters_are_refused():
     with pytest.raises(ValueError, match="would both filter the gradients of"):
         train(model, optimizer, range(1))
     second.remove()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_attach_after_load_state_dict_resumes_bit_identically(kind):
+    straight = make_model()
+    optimizer = torch.optim.Adam(straight.parameters(), lr=0.01)
+    attach_grokfast(optimizer, model=straight, **KINDS[kind])
+    train(straight, optimizer, range(9))
+
+    first = make_model()
+    optimizer = torch.optim.Adam(first.parameters(), lr=0.01)
+    attach_grokfast(optimizer, model=first, **KINDS[kind])
+    train(first, optimizer, range(6))
+    checkpoint = round_trip({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+
+    resumed = make_model()  # the order of a script that rebuilds its optimizer: load, then attach
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer = torch.optim.Adam(resumed.parameters(), lr=0.01)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    handle = attach_grokfast(optimizer, model=resumed, **KINDS[kind])
+    assert handle.filter.steps == 6 and len(handle.filter.states) == 4
+    # the optimizer's own state is as if the filter had been attached before the load
+    assert not any(str(k).startswith("grokfast") for state in optimizer.state.values() for k in state)
+    assert all("grokfast" not in group for group in optimizer.param_groups)
+    train(resumed, optimizer, range(6, 9))
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("attach_first", [True, False], ids=["attach-then-load", "load-then-attach"])
+@pytest.mark.parametrize(
+    ("saved", "now", "message"),
+    [
+        (dict(filter="ema"), dict(filter="ma", window_size=4), "was made by filter='ema'; this filter is 'ma'"),
+        (dict(filter="ma", window_size=4), dict(filter="ma", window_size=5), "has window_size=4; this filter has"),
+    ],
+    ids=["kind", "window"],
+)
+def test_a_mismatched_checkpoint_is_the_same_error_in_both_orders(attach_first, saved, now, message):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_grokfast(optimizer, model=model, **saved)
+    train(model, optimizer, range(2))
+    checkpoint = round_trip(optimizer.state_dict())
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        if attach_first:
+            attach_grokfast(fresh, model=model, **now)
+            fresh.load_state_dict(checkpoint)
+        else:
+            fresh.load_state_dict(checkpoint)
+            attach_grokfast(fresh, model=model, **now)
+
+
+def test_load_then_attach_with_bfloat16_parameters_warns_that_torch_rounded_the_state():
+    model = make_model(torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_grokfast(optimizer, model=model, filter="ema+ma", window_size=3)
+    train(model, optimizer, range(4))
+    saved = round_trip(optimizer.state_dict())
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    fresh.load_state_dict(saved)  # torch casts floating state to the parameters' bfloat16 here
+    with pytest.warns(UserWarning, match="cast its state to the parameters' dtype"):
+        handle = attach_grokfast(fresh, model=model, filter="ema+ma", window_size=3)
+    assert {s.ema.dtype for s in handle.filter.states.values()} == {torch.float32}
+    assert {s.ma_sum.dtype for s in handle.filter.states.values()} == {torch.float32}
+
+
+def test_a_closure_computing_the_gradients_inside_step_is_filtered_once_per_step():
+    def run(closure_style: bool) -> tuple[nn.Module, int]:
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = attach_grokfast(optimizer, model=model, filter="ema", alpha=0.8, lamb=2.0)
+        for step in range(4):
+            x, y = batch(step)
+
+            def closure(x=x, y=y):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            if closure_style:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+        return model, handle.filter.steps
+
+    plain, plain_steps = run(False)
+    with_closure, closure_steps = run(True)
+    assert plain_steps == closure_steps == 4
+    for p, q in zip(plain.parameters(), with_closure.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_an_optimizer_whose_step_requires_a_closure_is_refused_at_attach_time():
+    model = make_model()
+    with pytest.raises(ValueError, match="cannot filter LBFGS: its step\\(\\) requires a closure"):
+        attach_grokfast(torch.optim.LBFGS(model.parameters()), model=model)
+
+
+def test_a_step_with_no_gradient_to_filter_warns_once():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach_grokfast(optimizer, model=model)
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="none of its 4 filtered parameters had a gradient"):
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()  # said once
+    assert handle.filter.steps == 0
+
+
+def test_a_refused_attach_leaves_the_loaded_state_and_the_optimizer_unhooked():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach_grokfast(optimizer, model=model, filter="ema")
+    train(model, optimizer, range(2))
+    saved = round_trip(optimizer.state_dict())
+    handle.remove()
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    fresh.load_state_dict(saved)
+    with pytest.raises(ValueError, match="this filter is 'ma'"):
+        attach_grokfast(fresh, model=model, filter="ma")
+    assert not fresh._optimizer_step_pre_hooks and not fresh._optimizer_state_dict_post_hooks
+    assert attach_grokfast(fresh, model=model, filter="ema").filter.steps == 2  # the right filter still adopts it
+
+
+def test_a_closure_passed_by_keyword_is_filtered_too():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach_grokfast(optimizer, model=model, filter="ema")
+    x, y = batch(0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert optimizer.step(closure=closure) is not None
+    assert handle.filter.steps == 1 and len(handle.filter.states) == 4

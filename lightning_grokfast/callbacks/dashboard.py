@@ -175,10 +175,20 @@ def plot_grokking(
 def total_weight_norm(module: torch.nn.Module) -> Tensor:
     """The L2 norm of all parameters of ``module`` together (one ``_foreach_norm`` per device and dtype).
 
+    Args:
+        module: the model.
+
+    Returns:
+        A 0-dim float32 tensor on the first parameter's device (0 for a module without parameters).
+
     Example::
 
-        total_weight_norm(model)  # tensor(123.4)
-
+        >>> import torch
+        >>> from lightning_grokfast.callbacks.dashboard import total_weight_norm
+        >>> layer = torch.nn.Linear(3, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(layer.weight)
+        >>> round(float(total_weight_norm(layer)) ** 2, 4)
+        3.0
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for param in module.parameters():

@@ -20,6 +20,7 @@ from lightning_grokfast.core.amp import scaler_found_inf
 from lightning_grokfast.core.binding import OptimizerBinding, ParamSelection
 from lightning_grokfast.core.config import FilterConfig, TunableSettings
 from lightning_grokfast.core.filters import GradientFilter, StepInfo, check_structure
+from lightning_grokfast.core.metrics import filter_metrics
 from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_bool, check_int, check_lamb
 
 _STATE_FORMAT = 2
@@ -52,7 +53,9 @@ class GrokfastCallback(TunableSettings, Callback):
             filtered, e.g. ``"bias"`` or ``["bias", "norm"]``.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor`` (and ``ma_lamb * factor``).
-        state_dtype: dtype of the state for float16/bfloat16 gradients (``None``: keep the gradient's dtype).
+        state_dtype: dtype of the EMA and MA-window state: for float16/bfloat16 gradients (default float32), and
+            for every gradient when it is a 16-bit dtype (``"bfloat16"`` halves the state of a float32 model; the
+            MA running sum stays float32). ``None``: the gradient's dtype.
         log_stats: on Lightning's logging steps, log ``grokfast/lamb``, ``alpha``, ``grad_norm``, ``slow_norm``,
             ``slow_to_grad_ratio``, ``skipped_steps`` (and ``guard_scale`` with the divergence guard).
         resum_every: updates between exact re-summations of the moving-average running sum (default
@@ -63,6 +66,9 @@ class GrokfastCallback(TunableSettings, Callback):
             gradient's running norm (``None``: off).
         speedup: the authors' rule of thumb for a target acceleration ``N``: sets ``alpha`` (``alpha**N = 0.1``)
             and/or ``window_size`` (``N``) for the filter; leave ``alpha``/``window_size`` at their defaults then.
+        compile: with ``filter="ema"`` or ``"ma"``, fuse the state update and its amplification into one kernel
+            per tensor with ``torch.compile`` (see :class:`~lightning_grokfast.core.config.FilterConfig`); the first
+            step compiles.
 
     Raises:
         ValueError: If an argument is out of its range (the message names it and the range).
@@ -101,6 +107,7 @@ class GrokfastCallback(TunableSettings, Callback):
         orthogonal: bool = False,
         max_amplified_ratio: float | None = None,
         speedup: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         rule: dict[str, Any] = {}
@@ -122,6 +129,7 @@ class GrokfastCallback(TunableSettings, Callback):
             check_finite=check_finite,
             orthogonal=orthogonal,
             max_amplified_ratio=max_amplified_ratio,
+            compile=compile,
         )
         self.start_step = check_int(start_step, "start_step")
         self._enabled = check_bool(enabled, "enabled")
@@ -163,6 +171,8 @@ class GrokfastCallback(TunableSettings, Callback):
             GrokfastCallback.from_speedup(100)                     # alpha = 0.1 ** (1 / 100) = 0.977
             GrokfastCallback.from_speedup(50, filter="ma", lamb=5)  # window_size = 50
 
+        Returns:
+            The callback.
         """
         return cls(filter=filter, speedup=speedup, **kwargs)
 
@@ -197,12 +207,17 @@ class GrokfastCallback(TunableSettings, Callback):
     def boost_lamb(self, factor: float, max_lamb: float | None = None) -> float:
         """Multiply every amplification (``lamb`` and ``ma_lamb``) by ``factor``, capped at ``max_lamb``.
 
+        A value already above the cap is not lowered.
+
+        Args:
+            factor: the multiplier, ``>= 0``.
+            max_lamb: the cap, ``>= 0``, or ``None`` for no cap.
+
         Returns:
             The new ``lamb``.
 
         Raises:
             ValueError: If ``factor`` or ``max_lamb`` is negative or not finite.
-
         """
         factor = check_lamb(factor, "factor")
         cap = float("inf") if max_lamb is None else check_lamb(max_lamb, "max_lamb")
@@ -248,10 +263,11 @@ class GrokfastCallback(TunableSettings, Callback):
         if not self.enabled:
             return
         binding = self._bindings.get(id(optimizer)) or self._bind(trainer, pl_module, optimizer)
-        self._check_once_per_step(trainer, optimizer)
+        step = trainer.global_step  # a chain of Lightning properties: read once per step
+        self._check_once_per_step(step, optimizer)
         compute_norms = self.log_stats and is_logging_step(trainer)
         info = binding.step(
-            amplify=trainer.global_step >= self.start_step,
+            amplify=step >= self.start_step,
             found_inf=self._found_inf(trainer, binding),
             compute_norms=compute_norms,
         )
@@ -311,14 +327,14 @@ class GrokfastCallback(TunableSettings, Callback):
         self._restore_counters(binding, index)
         return binding
 
-    def _check_once_per_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
-        if self._last_step.get(id(optimizer)) == trainer.global_step:
+    def _check_once_per_step(self, step: int, optimizer: Optimizer) -> None:
+        if self._last_step.get(id(optimizer)) == step:
             raise MisconfigurationException(
                 "GrokfastCallback saw `on_before_optimizer_step` twice for the same optimizer within one optimizer step"
-                f" (global_step={trainer.global_step}). This happens when the closure is evaluated several times per"
+                f" (global_step={step}). This happens when the closure is evaluated several times per"
                 " step, e.g. with LBFGS; the filter would be updated more than once per step. Not supported."
             )
-        self._last_step[id(optimizer)] = trainer.global_step
+        self._last_step[id(optimizer)] = step
 
     def _found_inf(self, trainer: pl.Trainer, binding: OptimizerBinding) -> Tensor | None:
         """The AMP scaler's verdict; under sharding without one, every rank's verdict, so all ranks agree."""
@@ -334,22 +350,7 @@ class GrokfastCallback(TunableSettings, Callback):
     def _log(self, pl_module: pl.LightningModule, binding: OptimizerBinding, info: StepInfo) -> None:
         index = self._indices.get(id(binding.optimizer), 0)
         prefix = "grokfast/" if index == 0 else f"grokfast/optimizer{index}/"
-        metrics: dict[str, Any] = {
-            f"{prefix}lamb": self.lamb,
-            f"{prefix}skipped_steps": float(binding.filter.skipped_steps),
-        }
-        if self.config.uses_ema:
-            metrics[f"{prefix}alpha"] = self.alpha
-        if self.config.filter == "ema+ma":
-            metrics[f"{prefix}ma_lamb"] = self.ma_lamb
-        if info.grad_norm is not None:
-            metrics[f"{prefix}grad_norm"] = info.grad_norm
-        if info.slow_norm is not None:
-            metrics[f"{prefix}slow_norm"] = info.slow_norm
-            if info.grad_norm is not None:
-                metrics[f"{prefix}slow_to_grad_ratio"] = info.slow_norm / info.grad_norm.clamp_min(1e-30)
-        if info.guard_scale is not None:
-            metrics[f"{prefix}guard_scale"] = info.guard_scale
+        metrics = filter_metrics(binding.filter, info, prefix)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
 
     # ------------------------------------------------------------------ checkpointing
@@ -428,10 +429,17 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     for key in ("config", *_USER_FIELDS):
         before, after = saved.get(key), now.get(key)
         if key == "config" and isinstance(before, Mapping) and isinstance(after, Mapping):
-            out += [f"{k}: checkpoint {before.get(k)!r}, now {v!r}" for k, v in after.items() if before.get(k) != v]
+            out += [
+                f"{k}: checkpoint {before.get(k)!r}, now {v!r}"
+                for k, v in after.items()
+                if before.get(k, _FIELD_DEFAULTS.get(k)) != v  # a field newer than the checkpoint: its default
+            ]
         elif _plain(before) != _plain(after):
             out.append(f"{key}: checkpoint {before!r}, now {after!r}")
     return out
+
+
+_FIELD_DEFAULTS = FilterConfig().to_dict()
 
 
 def _plain(value: Any) -> Any:

@@ -37,6 +37,13 @@ class Transition:
         val_after: the validation value at ``step``.
         train: the train value at ``step`` (``None`` if it was not available).
 
+    Example::
+
+        >>> from lightning_grokfast import GrokkingStateMachine
+        >>> machine = GrokkingStateMachine()
+        >>> update = machine.update(100, 0.05, 1.0)
+        >>> [(t.phase, t.step) for t in update.transitions]
+        [('memorizing', 100)]
     """
 
     phase: str
@@ -47,7 +54,11 @@ class Transition:
     train: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain ``dict`` (what :meth:`GrokkingStateMachine.state_dict` stores)."""
+        """Plain ``dict`` (what :meth:`GrokkingStateMachine.state_dict` stores).
+
+        Returns:
+            The fields as plain values.
+        """
         return {
             "phase": self.phase,
             "step": self.step,
@@ -59,6 +70,14 @@ class Transition:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Transition:
+        """The inverse of :meth:`to_dict`.
+
+        Args:
+            data: a dict from :meth:`to_dict`.
+
+        Returns:
+            The transition.
+        """
         return cls(
             phase=str(data["phase"]),
             step=int(data["step"]),
@@ -81,6 +100,12 @@ class DetectorUpdate:
         marks_reached: accuracy marks the validation value reached for the first time at this evaluation.
         ignored: ``True`` if the evaluation was ignored (non-finite value, or a second one at the same step).
 
+    Example::
+
+        >>> from lightning_grokfast import GrokkingStateMachine
+        >>> update = GrokkingStateMachine(marks=(0.5,)).update(100, 0.6, 1.0)
+        >>> update.phase, update.marks_reached
+        ('memorizing', (0.5,))
     """
 
     step: int
@@ -213,7 +238,14 @@ class GrokkingStateMachine:
         return self._last_gap
 
     def step_of(self, phase: str) -> int | None:
-        """The step at which ``phase`` was entered, or ``None``."""
+        """The step at which ``phase`` was entered, or ``None``.
+
+        Args:
+            phase: one of :data:`PHASES`.
+
+        Returns:
+            The optimizer step, or ``None`` when the phase was not entered.
+        """
         return next((t.step for t in self._transitions if t.phase == phase), None)
 
     # ------------------------------------------------------------------ the update
@@ -297,7 +329,11 @@ class GrokkingStateMachine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue; plain types only (loads with ``torch.load(weights_only=True)``)."""
+        """Everything needed to continue; plain types only (loads with ``torch.load(weights_only=True)``).
+
+        Returns:
+            The phase, the transitions, the marks reached, the jump window and the counters.
+        """
         return {
             "format": _STATE_FORMAT,
             "phase": self._phase,
@@ -317,6 +353,8 @@ class GrokkingStateMachine:
         Raises:
             ValueError: If the state has an unknown format or phase.
 
+        Args:
+            state: a dict from :meth:`state_dict`.
         """
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"Unknown grokking state machine state format {state.get('format')!r}.")
@@ -343,6 +381,18 @@ def default_grokking_signal(train_loss: float, val_loss: float) -> float:
     It is close to 1 while the model memorizes (train loss far below validation loss) and falls to 0 as the
     validation loss catches up. Non-finite or all-zero losses give 0.
 
+    Args:
+        train_loss: the training loss.
+        val_loss: the validation loss.
+
+    Returns:
+        The signal, in ``[0, 1]``.
+
+    Example::
+
+        >>> from lightning_grokfast.callbacks.phases import default_grokking_signal
+        >>> default_grokking_signal(train_loss=0.1, val_loss=2.0)
+        0.95
     """
     largest = max(val_loss, train_loss)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)) or largest <= 0.0:

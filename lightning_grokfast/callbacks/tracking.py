@@ -16,7 +16,23 @@ __all__ = ["TrainMetricTracker", "lookup"]
 
 
 def lookup(metrics: Mapping[str, Any], name: str, suffixes: Iterable[str] = ("", "_epoch", "_step")) -> Any:
-    """``metrics[name + suffix]`` for the first suffix present, else ``None``."""
+    """``metrics[name + suffix]`` for the first suffix present, else ``None``.
+
+    Args:
+        metrics: e.g. ``trainer.callback_metrics``.
+        name: the metric's name.
+        suffixes: the suffixes to try, in order (Lightning adds ``_epoch`` and ``_step`` for
+            ``self.log(..., on_step=True, on_epoch=True)``).
+
+    Returns:
+        The value, or ``None``.
+
+    Example::
+
+        >>> from lightning_grokfast.callbacks.tracking import lookup
+        >>> lookup({"train_acc_step": 0.5}, "train_acc")
+        0.5
+    """
     for suffix in suffixes:
         if f"{name}{suffix}" in metrics:
             return metrics[f"{name}{suffix}"]
@@ -44,12 +60,21 @@ class TrainMetricTracker:
         self._flushed: tuple[int, dict[str, list[tuple[int, float]]]] | None = None
 
     def watch(self, name: str) -> None:
-        """Record ``name`` from now on."""
+        """Record ``name`` from now on.
+
+        Args:
+            name: the metric's name (without ``_step``).
+        """
         if name not in self.names:
             self.names.append(name)
 
     def record(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Keep this batch's values of the watched metrics (as device tensors: no synchronization)."""
+        """Keep this batch's values of the watched metrics (as device tensors: no synchronization).
+
+        Args:
+            step: the optimizer step of the batch.
+            metrics: ``trainer.callback_metrics``.
+        """
         for name in self.names:
             value = lookup(metrics, name, ("_step", ""))
             if isinstance(value, Tensor):
@@ -61,6 +86,12 @@ class TrainMetricTracker:
         """``{name: [(step, value), ...]}`` recorded since the previous flush, moved to the host in one transfer.
 
         A second flush at the same ``step`` returns the same values (so several readers share one transfer).
+
+        Args:
+            step: the optimizer step of the validation.
+
+        Returns:
+            The recorded values per watched metric.
         """
         if self._flushed is not None and self._flushed[0] == step and not self._pending:
             return self._flushed[1]
@@ -76,14 +107,31 @@ class TrainMetricTracker:
 
     @staticmethod
     def mean(flushed: Mapping[str, list[tuple[int, float]]], name: str) -> float | None:
-        """The mean of ``name``'s flushed values, or ``None`` when there are none."""
+        """The mean of ``name``'s flushed values, or ``None`` when there are none.
+
+        Args:
+            flushed: what :meth:`flush` returned.
+            name: the metric's name.
+
+        Returns:
+            The mean, or ``None``.
+        """
         values = [v for _, v in flushed.get(name, [])]
         return sum(values) / len(values) if values else None
 
     def state_dict(self) -> dict[str, Any]:
-        """The values recorded since the last flush, as plain floats (read on the host: checkpoints only)."""
+        """The values recorded since the last flush, as plain floats (read on the host: checkpoints only).
+
+        Returns:
+            The state, for :meth:`load_state_dict`.
+        """
         return {"pending": [[s, n, float(v)] for s, n, v in self._pending]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+        """
         self._pending = [(int(s), str(n), torch.tensor(float(v))) for s, n, v in state.get("pending", [])]
         self._flushed = None

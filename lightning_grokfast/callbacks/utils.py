@@ -20,6 +20,17 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
 
     Reads the private ``trainer._logger_connector.should_update_logs``; falls back to ``log_every_n_steps``
     arithmetic if it is missing.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        ``True`` at the steps where ``self.log(..., on_step=True)`` values are written.
+
+    Example::
+
+        if is_logging_step(trainer):
+            pl_module.log("grokfast/lamb", callback.lamb)
     """
     if not trainer.loggers:
         return False
@@ -31,5 +42,16 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
 
 
 def trainer_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
-    """The Trainer's AMP gradient scaler (``16-mixed``), or ``None``."""
+    """The Trainer's AMP gradient scaler (``16-mixed``), or ``None``.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        The ``GradScaler`` of the Trainer's precision plugin, or ``None`` without one.
+
+    Example::
+
+        found_inf = scaler_found_inf(trainer_scaler(trainer), optimizer)
+    """
     return getattr(trainer.precision_plugin, "scaler", None)

@@ -1,9 +1,9 @@
 """The ``lightning-grokfast`` command: a :class:`~lightning.pytorch.cli.LightningCLI` with Grokfast built in.
 
-``lightning-grokfast fit --config configs/ema.yaml`` trains the built-in modular-arithmetic task
+``lightning-grokfast fit --config ema`` trains the built-in modular-arithmetic task
 (:class:`~lightning_grokfast.tasks.GrokTransformer` on :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`)
 with the Grokfast EMA filter and the grokking dashboard. ``--model`` and ``--data`` pick another built-in task
-(``--model MLPClassifier --data SparseParityDataModule``, or a config such as ``configs/parity_ema.yaml``); the
+(``--model MLPClassifier --data SparseParityDataModule``, or a shipped config such as ``parity_ema``); the
 sizes the data determines (``num_tokens``, ``num_inputs``, ``num_classes``) are passed on to the model.
 Besides LightningCLI's own ``trainer``/``model``/``data``
 groups, the parser has three callback groups:
@@ -22,6 +22,7 @@ LightningCLI YAML; a callback given there replaces the group's default one (conf
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
 from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback
 from lightning_grokfast.callbacks.grokfast import GrokfastCallback
+from lightning_grokfast.cli.configs import list_configs, resolve_config_args
 from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
 from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
 
@@ -63,9 +65,9 @@ class GrokfastCLI(LightningCLI):
         model_class: the LightningModule (default: :class:`~lightning_grokfast.tasks.GrokTransformer`).
         datamodule_class: the LightningDataModule (default:
             :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`).
-        \*args: further positional arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
+        *args: further positional arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
         seed_everything_default: seed used unless ``--seed_everything`` says otherwise (default 0: runs repeat).
-        \**kwargs: further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI` (``args``, ``run``,
+        **kwargs: further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI` (``args``, ``run``,
             ``trainer_defaults``, ...).
 
     Raises:
@@ -176,8 +178,8 @@ class TaskCLI(GrokfastCLI):
     model.
 
     Args:
-        \*args: further positional arguments of :class:`GrokfastCLI`.
-        \**kwargs: further keyword arguments of :class:`GrokfastCLI` (``args``, ``run``, ``trainer_defaults``, ...).
+        *args: further positional arguments of :class:`GrokfastCLI`.
+        **kwargs: further keyword arguments of :class:`GrokfastCLI` (``args``, ``run``, ``trainer_defaults``, ...).
 
     Example::
 
@@ -251,22 +253,46 @@ def _takes_num_tokens(model_class: Any) -> bool:
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-grokfast`` console script (:class:`TaskCLI`: the built-in tasks).
 
+    ``--config NAME`` (or ``NAME.yaml``, ``configs/NAME.yaml``) runs the config of that name shipped in the package
+    when no such file exists (see :mod:`lightning_grokfast.cli.configs`); ``configs`` lists the shipped configs and
+    ``configs NAME`` prints one.
+
     Args:
-        args: command-line arguments (default ``sys.argv[1:]``), e.g. ``["fit", "--config", "configs/ema.yaml"]``.
+        args: command-line arguments (default ``sys.argv[1:]``), e.g. ``["fit", "--config", "ema"]``.
+
+    Raises:
+        SystemExit: For ``configs NAME`` with a name that is not shipped (the shipped names listed), and as
+            LightningCLI exits on bad arguments and after ``--help``.
 
     Example::
 
-        $ lightning-grokfast fit --config configs/ema.yaml
+        $ lightning-grokfast configs                     # the shipped configs, one line each
+        $ lightning-grokfast fit --config ema            # the shipped ema.yaml (in a clone: configs/ema.yaml)
         $ lightning-grokfast fit --grokfast.filter ma --grokfast.lamb 5 --model.weight_decay 0.01
-        $ lightning-grokfast fit --print_config
-        $ lightning-grokfast fit --config configs/parity_ema.yaml
+        $ lightning-grokfast fit --config parity_ema --print_config > my_run.yaml
         $ lightning-grokfast fit --model MLPClassifier --data DigitsDataModule --model.init_scale 16
 
     """
+    if args is None or isinstance(args, (list, tuple)):
+        argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        if argv[:1] == ["configs"]:
+            try:
+                print(list_configs(argv[1] if len(argv) > 1 else None), end="")
+            except ValueError as error:
+                raise SystemExit(f"lightning-grokfast configs: {error}") from None
+            return
+        resolved = resolve_config_args(argv)
+        if args is not None:
+            args = resolved
+        elif resolved != argv:
+            sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself when given no args
     TaskCLI(
         trainer_defaults=TASK_TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Train the built-in grokking task with Grokfast (arXiv 2405.20233)."},
+        parser_kwargs={
+            "description": "Train the built-in grokking task with Grokfast (arXiv 2405.20233). `--config NAME` runs"
+            " a config shipped in the package (`lightning-grokfast configs` lists them)."
+        },
         args=args,
     )
 

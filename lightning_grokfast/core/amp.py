@@ -26,6 +26,12 @@ def scaler_found_inf(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) 
         ValueError: If the optimizer unscales inside ``step()`` (a fused optimizer), so a filter running before
             ``step()`` would see scaled gradients.
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.amp import scaler_found_inf
+        >>> scaler_found_inf(None, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)) is None
+        True
     """
     if scaler is None or not scaler.is_enabled():
         return None

@@ -115,6 +115,9 @@ class OptimizerBinding:
             before_access=self.refresh,
         )
         self.refresh()
+        #: warn once when a step finds no gradient at all (entry points where that means a misplaced filter)
+        self.warn_when_empty = False
+        self._warned_empty = False
 
     def refresh(self, names: Mapping[int, str] | None = None) -> bool:
         """Re-read the optimizer's parameters if their layout changed (or new ``names`` are given).
@@ -157,6 +160,20 @@ class OptimizerBinding:
         self.link.track(self.names, self.params)
         return True
 
+    def adopt(self) -> bool:
+        """Take over filter state that ``optimizer.load_state_dict`` loaded before this binding existed.
+
+        See :meth:`~lightning_grokfast.core.optim_state.OptimizerStateLink.adopt`.
+
+        Returns:
+            Whether any filter state was found and taken.
+
+        Raises:
+            ValueError: If that state was made by another filter kind or window size.
+
+        """
+        return self.link.adopt()
+
     def claim(self) -> None:
         """Mark the parameters as filtered by this binding (done by the first :meth:`step` at the latest).
 
@@ -188,7 +205,8 @@ class OptimizerBinding:
         """Filter the gradients present now (parameters without one are left alone, their state too).
 
         Returns:
-            The filter's :class:`~lightning_grokfast.StepInfo`, or ``None`` when no parameter has a gradient.
+            The filter's :class:`~lightning_grokfast.StepInfo`, or ``None`` when no parameter has a gradient (warned
+            once per binding, since a filter that never finds a gradient does nothing).
 
         """
         self.refresh()
@@ -202,6 +220,7 @@ class OptimizerBinding:
         if any(g is None for g in grads):
             present = [i for i, g in enumerate(grads) if g is not None]
             if not present:
+                self._warn_nothing_to_filter()
                 return None
             params = [params[i] for i in present]
             names = tuple(names[i] for i in present)
@@ -214,6 +233,16 @@ class OptimizerBinding:
             found_inf=found_inf,
             compute_norms=compute_norms,
         )
+
+    def _warn_nothing_to_filter(self) -> None:
+        if self.warn_when_empty and not self._warned_empty and self.params:
+            self._warned_empty = True
+            warnings.warn(
+                f"{self.owner}: the optimizer stepped, but none of its {len(self.params)} filtered parameters had a"
+                " gradient, so this step was not filtered (gradients zeroed with set_to_none before the step, or"
+                " computed after the filter ran). This is said once.",
+                stacklevel=4,
+            )
 
     def _placeholder(self, param: Tensor) -> ParamState | None:
         """Zero state for a sharded parameter's load template; ``None`` where the checkpoint being loaded has none."""

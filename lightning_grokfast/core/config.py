@@ -47,9 +47,12 @@ class FilterConfig:
         filter_type: ``"mean"`` or ``"sum"`` of the window.
         normalize: divide the amplified gradient by ``1 + lamb`` (``1 + lamb + ma_lamb`` for both), so the update
             keeps the size of the unfiltered one.
-        state_dtype: dtype of the EMA and MA-window state for float16/bfloat16 gradients (``None``: the gradient's
-            dtype). Other gradients keep state in their own dtype. The MA running sum is float32 (float64 for
-            float64 gradients) whatever this says.
+        state_dtype: dtype of the EMA and the MA window. It applies to float16/bfloat16 gradients (default
+            float32: their state is kept in float32), and to every gradient when it is itself a 16-bit dtype:
+            ``"bfloat16"`` halves the state of float32 models (2 bytes per parameter for the EMA, ``2 * window``
+            for the window). Otherwise (``None``, or float32/float64 for wider gradients) the state has the
+            gradient's dtype. The MA running sum stays float32 (float64 for float64 gradients) whatever this
+            says, and adds exactly the rounded value the window keeps, so it does not drift.
         resum_every: recompute the MA running sum from its window every this many updates of a parameter, so
             rounding drift cannot build up (default ``10 * window_size``).
         check_finite: skip the whole step (state unchanged, nothing added) when a gradient is not finite. Costs one
@@ -59,9 +62,15 @@ class FilterConfig:
             component along the parameter and rescale the result to the original gradient norm.
         max_amplified_ratio: divergence guard: when the added slow term's norm exceeds this multiple of the raw
             gradient's running norm, scale it down to that bound for the step (``None``: off).
+        compile: with ``filter="ema"`` or ``"ma"``, run the state update and its amplification as one kernel per
+            tensor made by ``torch.compile`` (the gradient and the state are read and written once; the finiteness
+            check stays one foreach pass; MA warm-up steps and re-summations use the foreach path); not with
+            ``normalize`` or ``max_amplified_ratio``. The first
+            step compiles (seconds; on CPU up to a minute, and it needs a C++ compiler).
 
     Raises:
-        ValueError: If an argument is out of its range (the message names it and the range).
+        ValueError: If an argument is out of its range (the message names it and the range), or ``compile=True``
+            is combined with ``"ema+ma"``/``"none"``, ``normalize`` or ``max_amplified_ratio``.
 
     Example::
 
@@ -83,10 +92,21 @@ class FilterConfig:
     check_finite: bool = True
     orthogonal: bool = False
     max_amplified_ratio: float | None = None
+    compile: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         checker = _CHECKS.get(name)
         super().__setattr__(name, checker(value) if checker is not None else value)
+
+    def __post_init__(self) -> None:
+        if self.compile and (
+            self.filter not in ("ema", "ma") or self.normalize or self.max_amplified_ratio is not None
+        ):
+            raise ValueError(
+                "`compile=True` fuses the EMA or MA step: it needs filter='ema' or 'ma' without `normalize` or"
+                f" `max_amplified_ratio` (got filter={self.filter!r}, normalize={self.normalize},"
+                f" max_amplified_ratio={self.max_amplified_ratio})."
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -105,7 +125,14 @@ class FilterConfig:
         return self.resum_every if self.resum_every is not None else 10 * self.window_size
 
     def amplifications(self, scale: float = 1.0) -> tuple[float, float]:
-        """The (EMA, MA) multipliers of the slow terms, times ``scale`` (a per-parameter ``lamb_scale``)."""
+        """The (EMA, MA) multipliers of the slow terms, times ``scale``.
+
+        Args:
+            scale: a per-parameter factor (from ``lamb_scale``).
+
+        Returns:
+            ``(ema_coefficient, ma_coefficient)``; a term the filter does not keep has 0.
+        """
         if self.filter == "ema":
             return self.lamb * scale, 0.0
         if self.filter == "ma":
@@ -115,15 +142,27 @@ class FilterConfig:
         return 0.0, 0.0
 
     def tunables(self) -> dict[str, float]:
-        """The settings training may change, as plain floats (what a checkpoint restores)."""
+        """The settings training may change, as plain floats (what a checkpoint restores).
+
+        Returns:
+            ``{"alpha": ..., "lamb": ..., "ma_lamb": ...}``.
+        """
         return {name: float(getattr(self, name)) for name in TUNABLE_FIELDS}
 
     def structure(self) -> dict[str, Any]:
-        """The settings the saved state depends on (a checkpoint must match them)."""
+        """The settings the saved state depends on (a checkpoint must match them).
+
+        Returns:
+            ``{"filter": ..., "window_size": ...}``.
+        """
         return {"filter": self.filter, "window_size": self.window_size if self.uses_ma else None}
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain Python (``state_dtype`` as its name)."""
+        """Every field as plain Python (``state_dtype`` as its name).
+
+        Returns:
+            ``{field: value}``; ``FilterConfig(**config.to_dict())`` rebuilds the config.
+        """
         out = dataclasses.asdict(self)
         out["state_dtype"] = None if self.state_dtype is None else str(self.state_dtype).removeprefix("torch.")
         return out
@@ -160,9 +199,16 @@ class FilterConfig:
     def from_speedup(cls, speedup: float, filter: str = "ema", **kwargs: Any) -> FilterConfig:
         """A config from :meth:`speedup_settings`, other fields from ``kwargs``.
 
+        Args:
+            speedup: the target acceleration ``N > 1``.
+            filter: ``"ema"`` (sets ``alpha``), ``"ma"`` (sets ``window_size``) or ``"ema+ma"`` (both).
+            **kwargs: the other fields.
+
+        Returns:
+            The config.
+
         Raises:
             ValueError: If an argument is out of its range.
-
         """
         return cls(**{**kwargs, **cls.speedup_settings(speedup, filter)})
 
@@ -187,6 +233,7 @@ _CHECKS: dict[str, Any] = {
     "max_amplified_ratio": _check_optional(
         lambda v, n: check_number(v, n, low=0.0, low_inclusive=False), "max_amplified_ratio"
     ),
+    "compile": lambda v: check_bool(v, "compile"),
 }
 
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(FilterConfig)}
@@ -197,6 +244,14 @@ class TunableSettings:
 
     Mixed into everything users hold (the filter, the callback, the handle of ``attach_grokfast``), so each reads and
     writes the one shared :class:`FilterConfig`.
+
+    Example::
+
+        >>> from lightning_grokfast import GradientFilter
+        >>> filt = GradientFilter("ema", lamb=2.0)
+        >>> filt.lamb = 4.0  # validated, and shared with filt.config
+        >>> filt.config.lamb
+        4.0
     """
 
     config: FilterConfig

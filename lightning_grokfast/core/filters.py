@@ -44,6 +44,7 @@ class _Term(NamedTuple):
     tensors: list[Tensor]
     lamb: float
     unit: float
+    added: bool = False  # already added to the gradients (the fused EMA step of ``compile=True``)
 
     @property
     def coef(self) -> float:
@@ -63,6 +64,7 @@ class _Group:
     ma_sum: list[Tensor] = dataclasses.field(default_factory=list)
     windows: list[Tensor] = dataclasses.field(default_factory=list)
     slots: dict[int, list[Tensor]] = dataclasses.field(default_factory=dict)  # ring slot -> views, built lazily
+    ema_started: bool = False  # every EMA of the group holds a gradient (no per-step scan of the states)
 
     def slot(self, index: int) -> list[Tensor]:
         views = self.slots.get(index)
@@ -77,9 +79,9 @@ class GradientFilter(TunableSettings):
     Args:
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"`` (see :class:`~lightning_grokfast.FilterConfig`).
         config: a :class:`~lightning_grokfast.FilterConfig` to share (then pass no other argument).
-        \**kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
+        **kwargs: the other fields of :class:`~lightning_grokfast.FilterConfig` (``alpha``, ``lamb``,
             ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``, ``resum_every``,
-            ``check_finite``, ``orthogonal``, ``max_amplified_ratio``).
+            ``check_finite``, ``orthogonal``, ``max_amplified_ratio``, ``compile``).
 
     Raises:
         ValueError: If an argument is out of its range, or both ``config`` and other arguments are given.
@@ -106,6 +108,7 @@ class GradientFilter(TunableSettings):
         self._plan_key: tuple[str, ...] | None = None
         self._plan: list[_Group] = []
         self._guard_norm: Tensor | None = None
+        self._scalars: dict[tuple[float, float, torch.device], tuple[Tensor, Tensor]] = {}
         self.steps = 0
         self.skipped_steps = 0
 
@@ -129,9 +132,11 @@ class GradientFilter(TunableSettings):
     def set_lamb_scales(self, scales: Mapping[str, float]) -> None:
         """Multiply ``lamb`` by ``scales[name]`` for the named gradients (others: 1.0).
 
+        Args:
+            scales: ``{gradient name: factor >= 0}``; replaces the previous scales.
+
         Raises:
             ValueError: If a factor is negative or not finite.
-
         """
         self._lamb_scales = {name: check_lamb(scale, f"lamb scale of {name!r}") for name, scale in scales.items()}
         self._invalidate()
@@ -141,8 +146,9 @@ class GradientFilter(TunableSettings):
         self._plan_key, self._plan = None, []
 
     def _state_dtype_for(self, grad: Tensor) -> torch.dtype:
+        """``state_dtype`` for 16-bit gradients, and for every gradient when it is itself a 16-bit dtype."""
         dtype = self.config.state_dtype
-        if isinstance(dtype, torch.dtype) and grad.dtype in _LOW_PRECISION:
+        if isinstance(dtype, torch.dtype) and (grad.dtype in _LOW_PRECISION or dtype in _LOW_PRECISION):
             return dtype
         return grad.dtype
 
@@ -169,19 +175,38 @@ class GradientFilter(TunableSettings):
             group.ema = [s.ema for s in group.states if s.ema is not None]
             group.ma_sum = [s.ma_sum for s in group.states if s.ma_sum is not None]
             group.windows = [s.ma_history for s in group.states if s.ma_history is not None]
+            group.ema_started = all(s.ema_started for s in group.states)
         self._plan_key, self._plan = names, plan
         return plan
 
     def _state_for(self, name: str, grad: Tensor) -> ParamState:
-        """The record of ``name``, created (zeros, not started) for a name seen for the first time."""
+        """The record of ``name``, created (zeros, not started) for a name seen for the first time.
+
+        A record restored from a checkpoint made with another ``state_dtype`` is converted to this filter's (once,
+        when the plan is built), so a run can switch to a bfloat16 state on resume.
+        """
         state = self._states.get(name)
         if state is None:
             state = self._states[name] = self.empty_state(grad)
         _check_state_fits(name, state, grad, self.config)
+        dtype = self._state_dtype_for(grad)
+        if state.ema is not None and state.ema.dtype != dtype:
+            state.ema = state.ema.to(dtype)
+        if state.ma_history is not None and state.ma_history.dtype != dtype:
+            assert state.ma_sum is not None  # a window always has its running sum
+            state.ma_history = state.ma_history.to(dtype)
+            torch.sum(state.ma_history, dim=0, dtype=state.ma_sum.dtype, out=state.ma_sum)  # what the window keeps
         return state
 
     def empty_state(self, like: Tensor) -> ParamState:
-        """A fresh record for a gradient shaped, placed and typed like ``like`` (nothing seen yet)."""
+        """A fresh record for a gradient shaped, placed and typed like ``like`` (nothing seen yet).
+
+        Args:
+            like: a gradient (or its parameter).
+
+        Returns:
+            The record, with zero tensors for the state this filter keeps.
+        """
         state_dtype = self._state_dtype_for(like)
         state = ParamState()
         if self.uses_ema:
@@ -240,7 +265,12 @@ class GradientFilter(TunableSettings):
         device = grads[0].device
 
         need_norms = compute_norms or self.config.max_amplified_ratio is not None
-        raw_sq = [ops.squared_norms(gg) for gg in group_grads] if need_norms or self._checks_itself(found_inf) else []
+        if need_norms:
+            raw_sq = [ops.squared_norms(gg) for gg in group_grads]
+        elif self._checks_itself(found_inf):  # the norms' finiteness is the verdict: no need to square them
+            raw_sq = [ops.norms(gg) for gg in group_grads]
+        else:
+            raw_sq = []
         finite = self._verdict(found_inf, raw_sq, device)
         grad_norm = ops.global_norm(raw_sq, device) if need_norms else None
         self.steps += 1
@@ -254,7 +284,8 @@ class GradientFilter(TunableSettings):
             for gg, pp in zip(group_grads, group_params):
                 ops.orthogonalize_(gg, pp)
 
-        terms = [self._update_state(group, gg) for group, gg in zip(plan, group_grads)]
+        fuse = amplify and self._fuses_ema()
+        terms = [self._update_state(group, gg, fuse) for group, gg in zip(plan, group_grads)]
         slow_norm = _slow_norm(terms, device) if compute_norms else None
         guard = self._guard_scale(terms, grad_norm, device) if grad_norm is not None else None
         amplified = False
@@ -270,7 +301,14 @@ class GradientFilter(TunableSettings):
         )
 
     def local_found_inf(self, grads: Sequence[Tensor]) -> Tensor:
-        """A float 0-dim tensor, 1.0 when some of ``grads`` is not finite (for an all-reduce across ranks)."""
+        """Whether some of ``grads`` is not finite, as a float tensor (for an all-reduce across ranks).
+
+        Args:
+            grads: this rank's gradients (or shards).
+
+        Returns:
+            A 0-dim float tensor on the gradients' device: 1.0 when some element is not finite, else 0.0.
+        """
         if not grads:
             return torch.zeros(())
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -291,34 +329,74 @@ class GradientFilter(TunableSettings):
             return ops.all_finite(raw_sq, device)
         return None
 
-    def _update_state(self, group: _Group, grads: list[Tensor]) -> list[_Term]:
-        """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add."""
+    def _fuses_ema(self) -> bool:
+        """Whether this step runs the EMA update and its amplification as one compiled kernel (``compile=True``)."""
         config = self.config
-        src = grads if group.state_dtype == group.grad_dtype else [g.to(group.state_dtype) for g in grads]
+        return (
+            config.compile
+            and config.filter in ("ema", "ma")
+            and not config.normalize
+            and config.max_amplified_ratio is None
+        )
+
+    def _update_state(self, group: _Group, grads: list[Tensor], fuse: bool = False) -> list[_Term]:
+        """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add.
+
+        With ``fuse`` (and an EMA already started) the EMA term is added here, by the compiled fused kernel.
+        """
+        config = self.config
         lamb_ema, lamb_ma = config.amplifications(group.lamb_scale)
         terms: list[_Term] = []
-        if config.uses_ema:
-            fresh = [not s.ema_started for s in group.states]
-            if any(fresh):  # the EMA of a new gradient starts at it
+        if config.uses_ema and fuse and group.ema_started and lamb_ema != 0.0:
+            weight, coef = self._fused_scalars(1.0 - config.alpha, lamb_ema, grads[0].device)
+            ops.compiled_ema_amplify()(group.ema, grads, weight, coef)
+            terms.append(_Term(group.ema, lamb_ema, 1.0, added=True))
+        elif config.uses_ema:
+            src = grads if group.state_dtype == group.grad_dtype else [g.to(group.state_dtype) for g in grads]
+            if group.ema_started:
+                ops.ema_update_(group.ema, src, 1.0 - config.alpha)
+            else:  # the EMA of a new gradient starts at it
+                fresh = [not s.ema_started for s in group.states]
                 ops.ema_update_(group.ema, src, [1.0 if f else 1.0 - config.alpha for f in fresh])
                 for state in group.states:
                     state.ema_started = True
-            else:
-                ops.ema_update_(group.ema, src, 1.0 - config.alpha)
+                group.ema_started = True
             terms.append(_Term(group.ema, lamb_ema, 1.0))
         if config.uses_ma:
             first = group.states[0]
-            ops.ma_update_(group.ma_sum, group.slot(first.ma_index), src)
             index, count = (first.ma_index + 1) % config.window_size, min(first.ma_count + 1, config.window_size)
             updates = first.ma_updates + 1
+            resum = updates % config.resum_interval == 0
+            added = not (config.warmup and count < config.window_size)
+            unit = 1.0 / count if config.filter_type == "mean" else 1.0
+            slot = group.slot(first.ma_index)
+            if fuse and added and not resum and lamb_ma * unit != 0.0:
+                ops.compiled_ma_amplify()(
+                    group.ma_sum, slot, grads, self._fused_scalars(0.0, lamb_ma * unit, grads[0].device)[1]
+                )
+            else:
+                fuse = False
+                ops.ma_update_(group.ma_sum, slot, grads)
             for state in group.states:
                 state.ma_index, state.ma_count, state.ma_updates = index, count, updates
-            if updates % config.resum_interval == 0:
+            if resum:
                 ops.ma_resum_(group.ma_sum, group.windows)
-            if not (config.warmup and count < config.window_size):
-                unit = 1.0 / count if config.filter_type == "mean" else 1.0
-                terms.append(_Term(group.ma_sum, lamb_ma, unit))
+            if added:
+                terms.append(_Term(group.ma_sum, lamb_ma, unit, added=fuse))
         return terms
+
+    def _fused_scalars(self, weight: float, coef: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``weight`` and ``coef`` as 0-dim float32 tensors on ``device``, reused while their values stay the same."""
+        key = (weight, coef, device)
+        cached = self._scalars.get(key)
+        if cached is None:
+            if len(self._scalars) > 16:
+                self._scalars.clear()
+            cached = self._scalars[key] = (
+                torch.tensor(weight, dtype=torch.float32, device=device),
+                torch.tensor(coef, dtype=torch.float32, device=device),
+            )
+        return cached
 
     def _guard_scale(self, terms: list[list[_Term]], grad_norm: Tensor, device: torch.device) -> Tensor | None:
         """Divergence guard: factor ``<= 1`` bounding the added term by ``ratio`` times the raw running norm."""
@@ -337,6 +415,8 @@ class GradientFilter(TunableSettings):
 
     def _amplify(self, grads: list[Tensor], terms: list[_Term], guard: Tensor | None) -> bool:
         """``g <- (g + sum(lamb * unit * state)) / denominator``; returns whether anything was added."""
+        if any(t.added for t in terms):
+            return True
         active = [t for t in terms if t.coef != 0.0]
         if not active:
             return False
@@ -359,12 +439,21 @@ class GradientFilter(TunableSettings):
         return MappingProxyType(self._states)
 
     def set_state(self, name: str, state: ParamState) -> None:
-        """Replace the record of ``name`` (e.g. restored from a checkpoint)."""
+        """Replace the record of ``name`` (e.g. restored from a checkpoint).
+
+        Args:
+            name: the gradient's name.
+            state: its new record.
+        """
         self._states[name] = state
         self._invalidate()
 
     def drop_state(self, names: Sequence[str]) -> None:
-        """Forget the records of ``names``."""
+        """Forget the records of ``names``.
+
+        Args:
+            names: the gradients' names; unknown names are ignored.
+        """
         for name in names:
             self._states.pop(name, None)
         self._invalidate()
@@ -388,12 +477,20 @@ class GradientFilter(TunableSettings):
         return self.skipped_steps
 
     def counters(self) -> dict[str, Any]:
-        """Filter-wide counters as plain values (steps, skipped steps, the guard's running norm)."""
+        """Filter-wide counters as plain values (steps, skipped steps, the guard's running norm).
+
+        Returns:
+            The counters, for :meth:`load_counters`.
+        """
         guard = None if self._guard_norm is None else float(self._guard_norm)
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "guard_norm": guard}
 
     def load_counters(self, counters: Mapping[str, Any]) -> None:
-        """Restore what :meth:`counters` returned."""
+        """Restore what :meth:`counters` returned.
+
+        Args:
+            counters: the counters.
+        """
         self.steps = int(counters.get("steps", 0))
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         guard = counters.get("guard_norm")
@@ -404,6 +501,9 @@ class GradientFilter(TunableSettings):
 
         Tensors are the live state (as ``torch.optim.Optimizer.state_dict`` does): save or copy it before further
         steps.
+
+        Returns:
+            The settings the state depends on, the counters and one entry per gradient name.
         """
         return {
             "format": _STATE_FORMAT,
@@ -440,11 +540,22 @@ class GradientFilter(TunableSettings):
             self._states[name] = record
 
     def state_names(self) -> set[str]:
-        """Names that have filter state."""
+        """Names that have filter state.
+
+        Returns:
+            The names.
+        """
         return set(self._states)
 
     def place(self, devices: Mapping[str, torch.device]) -> GradientFilter:
-        """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint)."""
+        """Move each named state to the given device (e.g. its parameter's, after loading a checkpoint).
+
+        Args:
+            devices: ``{gradient name: device}``; names without state are ignored.
+
+        Returns:
+            This filter.
+        """
         for name, device in devices.items():
             if name in self._states:
                 self._states[name] = self._states[name].to(device)
@@ -452,7 +563,11 @@ class GradientFilter(TunableSettings):
         return self
 
     def state_bytes(self) -> int:
-        """Bytes of tensor state currently held."""
+        """Bytes of tensor state currently held.
+
+        Returns:
+            The sum of ``numel * element_size`` over every state tensor.
+        """
         return sum(t.numel() * t.element_size() for s in self._states.values() for t in s.tensors())
 
 

@@ -17,6 +17,7 @@ state only when it is empty (``torch.optim.Adam`` does) are unaffected.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,15 +28,34 @@ from torch.optim import Optimizer
 from lightning_grokfast.core.filters import GradientFilter, ParamState
 from lightning_grokfast.core.sharding import is_dtensor, to_global, to_local
 
-__all__ = ["STATE_PREFIX", "OptimizerStateLink", "param_index_map", "unwrap_optimizer"]
+__all__ = ["STATE_PREFIX", "OptimizerStateLink", "RoundedStateWarning", "param_index_map", "unwrap_optimizer"]
 
 #: Prefix of the filter's keys in an optimizer state entry.
 STATE_PREFIX = "grokfast_"
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The ``torch.optim.Optimizer`` inside wrappers that keep it as ``.optimizer`` (Lightning's
-    ``LightningOptimizer``, Fabric's optimizer, Accelerate's ``AcceleratedOptimizer``)."""
+    """The ``torch.optim.Optimizer`` inside wrappers that keep it as ``.optimizer``.
+
+    Lightning's ``LightningOptimizer``, Fabric's optimizer and Accelerate's ``AcceleratedOptimizer`` are such wrappers.
+
+    Args:
+        optimizer: an optimizer or a wrapper of one (nested up to 8 levels).
+
+    Returns:
+        The innermost ``torch.optim.Optimizer``.
+
+    Raises:
+        ValueError: If no ``torch.optim.Optimizer`` is found.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.optim_state import unwrap_optimizer
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> unwrap_optimizer(optimizer) is optimizer
+        True
+    """
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, Optimizer):
@@ -49,9 +69,51 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
 def param_index_map(
     param_groups: Sequence[Mapping[str, Any]], saved_groups: Sequence[Mapping[str, Any]]
 ) -> Iterator[tuple[Any, Tensor]]:
-    """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``."""
+    """Pairs ``(saved index, parameter)`` in torch's order: saved group ``i``'s ``params`` list against group ``i``.
+
+    Args:
+        param_groups: the optimizer's live parameter groups.
+        saved_groups: the ``param_groups`` of a state dict (parameters as indices).
+
+    Returns:
+        An iterator of ``(index in the state dict, parameter)``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.optim_state import param_index_map
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> optimizer = torch.optim.SGD([w], lr=0.1)
+        >>> [(i, p is w) for i, p in param_index_map(optimizer.param_groups, optimizer.state_dict()["param_groups"])]
+        [(0, True)]
+    """
     for group, saved in zip(param_groups, saved_groups):
         yield from zip(saved["params"], group["params"])
+
+
+class RoundedStateWarning(UserWarning):
+    """The filter adopted state that ``optimizer.load_state_dict`` had cast to 16-bit parameters' dtype.
+
+    Args:
+        dtype: the parameters' dtype the state was rounded to (``"bfloat16"`` or ``"float16"``).
+        advice: how to resume exactly in the caller's setting.
+
+    Example::
+
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            handle = attach_grokfast(optimizer)  # after optimizer.load_state_dict(saved), bf16 parameters
+        rounded = [w for w in caught if issubclass(w.category, RoundedStateWarning)]
+
+    """
+
+    def __init__(self, dtype: str, advice: str = "Attach first, then load, to resume exactly.") -> None:
+        self.dtype = dtype
+        super().__init__(
+            f"optimizer.load_state_dict() ran before the Grokfast filter was attached and cast its state to the"
+            f" parameters' dtype ({dtype}): the filter resumes from that rounded state. {advice}"
+        )
 
 
 class OptimizerStateLink:
@@ -69,6 +131,18 @@ class OptimizerStateLink:
         before_access: called first in both hooks (the owner re-reads the optimizer's parameters there, e.g. after
             another callback re-added parameter groups just before a checkpoint is loaded).
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast import GradientFilter
+        >>> from lightning_grokfast.core.optim_state import OptimizerStateLink
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> optimizer, filt = torch.optim.SGD([w], lr=0.1), GradientFilter("ema")
+        >>> link = OptimizerStateLink(optimizer, filt)
+        >>> link.track(["w"], [w])
+        >>> _ = filt.step(["w"], [torch.ones(2)])
+        >>> sorted(k for k in optimizer.state_dict()["state"][0] if k.startswith("grokfast"))  # doctest: +ELLIPSIS
+        ['grokfast_ema', ...]
     """
 
     def __init__(
@@ -93,7 +167,12 @@ class OptimizerStateLink:
         ]
 
     def track(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Declare the filtered parameters and the names their filter state is keyed by (replaces the last call)."""
+        """Declare the filtered parameters and the names their filter state is keyed by (replaces the last call).
+
+        Args:
+            names: one name per parameter.
+            params: the parameters, in the order of ``names``.
+        """
         self._names = {id(p): n for n, p in zip(names, params)}
         self._params = {id(p): p for p in params}
 
@@ -102,6 +181,76 @@ class OptimizerStateLink:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def adopt(self) -> bool:
+        """Take over filter state that ``optimizer.load_state_dict`` loaded before this link existed.
+
+        A script that rebuilds its optimizer loads the saved state first and attaches the filter after (the Hugging
+        Face Trainer does the same: it restores ``optimizer.pt`` before any callback sees the optimizer). Torch then
+        keeps the filter's ``grokfast_*`` entries in ``optimizer.state`` and its counters in the first parameter
+        group; this moves them into the filter, exactly as the load pre-hook would have, and leaves the optimizer's
+        own state as if the filter had been attached before the load.
+
+        Returns:
+            Whether any filter state was found and taken.
+
+        Raises:
+            ValueError: If the loaded state was made by another filter kind, window size or parameter shape (the
+                same error as a load after attaching).
+
+        """
+        optimizer = self.optimizer
+        index_of: dict[int, int] = {}
+        params_by_index: dict[int, Tensor] = {}
+        groups: list[dict[str, Any]] = []
+        for group in optimizer.param_groups:
+            indices = []
+            for param in group["params"]:
+                if id(param) not in index_of:
+                    index_of[id(param)] = len(index_of)
+                    params_by_index[index_of[id(param)]] = param
+                indices.append(index_of[id(param)])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+        state = {
+            index_of[id(param)]: dict(entry)
+            for param, entry in optimizer.state.items()
+            if id(param) in index_of and any(str(k).startswith(STATE_PREFIX) for k in entry)
+        }
+        if not state and not any("grokfast" in g for g in groups):
+            return False
+        rounded = [n for n in (self._widen(params_by_index[i], e) for i, e in state.items()) if n is not None]
+        if rounded:
+            warnings.warn(RoundedStateWarning(rounded[0]), stacklevel=3)
+        stripped = self._on_load_state_dict(optimizer, {"state": state, "param_groups": groups})
+        for index in state:
+            param = params_by_index[index]
+            rest = stripped["state"].get(index)
+            if rest:
+                optimizer.state[param] = rest
+            else:  # the optimizer had no state of its own yet: leave it empty, so it initialises as usual
+                del optimizer.state[param]
+        for group in optimizer.param_groups:
+            group.pop("grokfast", None)
+        return True
+
+    def _widen(self, param: Tensor, entry: dict[str, Any]) -> str | None:
+        """Undo the dtype of torch's cast of loaded state to a 16-bit parameter (the values stay rounded).
+
+        Returns the parameter's dtype when the entry was narrowed, else ``None``.
+        """
+        if param.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        wide = self.filter.config.state_dtype
+        targets = {"ma_sum": torch.float32}
+        if isinstance(wide, torch.dtype) and wide.itemsize > param.element_size():
+            targets.update({"ema": wide, "ma_history": wide})
+        narrowed = False
+        for key, dtype in targets.items():
+            value = entry.get(STATE_PREFIX + key)
+            if isinstance(value, Tensor) and value.dtype != dtype:
+                entry[STATE_PREFIX + key] = value.to(dtype)
+                narrowed = True
+        return str(param.dtype).removeprefix("torch.") if narrowed else None
 
     # ------------------------------------------------------------------ hooks
     def _on_state_dict(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +275,10 @@ class OptimizerStateLink:
         if self._extras is not None:
             extras = self._extras[0]()
             state_dict["grokfast"] = extras
-            if state_dict["param_groups"] and any(is_dtensor(p) for p in self._params.values()):
-                # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups"
+            if state_dict["param_groups"]:
+                # A copy in the first group: torch.distributed.checkpoint's get_optimizer_state_dict keeps only
+                # "state" and "param_groups", and a plain load_state_dict before the filter is attached keeps a
+                # group's extra keys (and drops top-level ones), so adopt() finds the counters there.
                 state_dict["param_groups"][0] = {**state_dict["param_groups"][0], "grokfast": extras}
         return state_dict
 

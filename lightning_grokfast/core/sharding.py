@@ -32,13 +32,42 @@ def _dtensor_type() -> Any:
 
 
 def is_dtensor(tensor: Any) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
+
+    Args:
+        tensor: any object.
+
+    Returns:
+        ``True`` for a DTensor.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.sharding import is_dtensor
+        >>> is_dtensor(torch.ones(2))
+        False
+    """
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def local(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view that shares its storage), or the tensor itself."""
+    """The local shard of a DTensor (a view that shares its storage), or the tensor itself.
+
+    Args:
+        tensor: a tensor or a DTensor.
+
+    Returns:
+        A plain tensor.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.sharding import local
+        >>> t = torch.ones(2)
+        >>> local(t) is t
+        True
+    """
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
@@ -67,7 +96,21 @@ def _wrap(local_tensor: Tensor, param: Any, leading: int) -> Tensor:
 
 
 def to_global(record: ParamState, param: Tensor) -> ParamState:
-    """The record with its local tensors wrapped as DTensors sharded like ``param`` (a DTensor)."""
+    """The record with its local tensors wrapped as DTensors sharded like ``param`` (a DTensor).
+
+    An MA window ``(window, *shape)`` is sharded on the parameter's dimension plus one.
+
+    Args:
+        record: a record of local tensors.
+        param: the DTensor parameter the record belongs to.
+
+    Returns:
+        A new record of DTensors.
+
+    Example::
+
+        record = to_global(filter.states[name], param)  # what a distributed checkpoint saves
+    """
     return dataclasses.replace(
         record,
         ema=None if record.ema is None else _wrap(record.ema, param, 0),
@@ -77,7 +120,21 @@ def to_global(record: ParamState, param: Tensor) -> ParamState:
 
 
 def to_local(record: ParamState) -> ParamState:
-    """The record with DTensors replaced by their local shards (plain tensors are kept)."""
+    """The record with DTensors replaced by their local shards (plain tensors are kept).
+
+    Args:
+        record: a record, of DTensors or plain tensors.
+
+    Returns:
+        A new record of plain tensors.
+
+    Example::
+
+        >>> from lightning_grokfast.core.sharding import to_local
+        >>> from lightning_grokfast.core.state import ParamState
+        >>> to_local(ParamState()).ema is None
+        True
+    """
     return dataclasses.replace(
         record,
         ema=None if record.ema is None else local(record.ema),
@@ -93,6 +150,21 @@ def is_state_init_step(optimizer: Any) -> bool:
     FSDP2/ModelParallel checkpoints) runs ``_init_optim_state`` on an optimizer without state: every gradient set to
     zeros, every ``lr`` set to 0, one ``step()``. Filtering it would start the EMA at zero and advance the MA window.
     A genuine step looks the same only if its state is empty, its ``lr`` is 0 *and* all its gradients are zero.
+
+    Args:
+        optimizer: the optimizer about to step.
+
+    Returns:
+        ``True`` when the step is torch's state-initialising step.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.sharding import is_state_init_step
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> w.grad = torch.ones(2)
+        >>> is_state_init_step(torch.optim.Adam([w], lr=1e-3))
+        False
     """
     if optimizer.state:
         return False
@@ -108,10 +180,20 @@ def saved_state(path: Any, optimizer_key: str, prefix: str) -> dict[str, dict[st
 
     Reads only the checkpoint's metadata (no tensor data).
 
+    Args:
+        path: the checkpoint directory (anything else gives ``None``).
+        optimizer_key: the optimizer's key in the checkpoint (e.g. ``"optimizer_states.0"``).
+        prefix: the key prefix of the filter state (``"grokfast_"``).
+
     Returns:
         ``{param name: {key without prefix: global size (None for non-tensors)}}``, or ``None`` when ``path`` is not
         a distributed checkpoint directory.
 
+    Example::
+
+        >>> from lightning_grokfast.core.sharding import saved_state
+        >>> saved_state(None, "optimizer_states.0", "grokfast_") is None
+        True
     """
     if path is None or not Path(path).is_dir():
         return None
@@ -138,12 +220,24 @@ def check_saved_state(
 ) -> list[str]:
     """Check a checkpoint's filter state (from :func:`saved_state`) against the filter about to load it.
 
+    Args:
+        saved: what :func:`saved_state` read from the checkpoint.
+        names: the names of the parameters the filter is about to load state for.
+        config: the filter's configuration.
+        path: the checkpoint, for the error message.
+
     Returns:
         The ``names`` the checkpoint has no filter state for (saved without Grokfast, or excluded then).
 
     Raises:
         ValueError: If the checkpoint's state was made by another kind of filter or another ``window_size``.
 
+    Example::
+
+        >>> from lightning_grokfast import FilterConfig
+        >>> from lightning_grokfast.core.sharding import check_saved_state
+        >>> check_saved_state({}, ["w"], FilterConfig(), "ckpt")
+        ['w']
     """
     for name in names:
         entry = saved.get(name)

@@ -27,6 +27,13 @@ class StepInfo:
         amplified: whether the slow component was added to the gradients.
         guard_scale: factor (0-dim tensor, ``<= 1``) the divergence guard applied to the added term, or ``None``.
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast import GradientFilter
+        >>> info = GradientFilter("ema").step(["w"], [torch.ones(3)], compute_norms=True)
+        >>> bool(info.finite), info.amplified
+        (True, True)
     """
 
     finite: Tensor
@@ -49,6 +56,14 @@ class ParamState:
         ma_index: ring slot the next gradient overwrites.
         ma_updates: window updates so far (schedules the exact re-summation of ``ma_sum``).
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast import GradientFilter
+        >>> filt = GradientFilter("ema")
+        >>> _ = filt.step(["w"], [torch.ones(3)])
+        >>> filt.states["w"].ema_started, filt.states["w"].shape()
+        (True, (3,))
     """
 
     ema: Tensor | None = None
@@ -60,7 +75,11 @@ class ParamState:
     ma_updates: int = 0
 
     def shape(self) -> tuple[int, ...]:
-        """The gradient's shape."""
+        """The gradient's shape, read from the state tensors.
+
+        Returns:
+            The shape, or ``()`` when the record holds no tensor yet.
+        """
         if self.ema is not None:
             return tuple(self.ema.shape)
         if self.ma_sum is not None:
@@ -68,16 +87,32 @@ class ParamState:
         return ()
 
     def tensors(self) -> list[Tensor]:
-        """The state tensors."""
+        """The state tensors (EMA, MA window, MA sum), those that exist.
+
+        Returns:
+            The tensors, live (not copies).
+        """
         return [t for t in (self.ema, self.ma_history, self.ma_sum) if t is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain entries (live tensors, not copies), for checkpoints."""
+        """Plain entries (live tensors, not copies), for checkpoints.
+
+        Returns:
+            ``{field: value}`` for every field that is not ``None``.
+        """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any], *, copy: bool = True) -> ParamState:
-        """The inverse of :meth:`to_dict` (tensors copied unless ``copy=False``; unknown keys are ignored)."""
+        """The inverse of :meth:`to_dict`; unknown keys are ignored.
+
+        Args:
+            entry: the entries of :meth:`to_dict`, e.g. as loaded from a checkpoint.
+            copy: copy the tensors (``False``: the record holds the given tensors).
+
+        Returns:
+            The record.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {
             k: (v.detach().clone() if copy and isinstance(v, Tensor) else v) for k, v in entry.items() if k in known
@@ -90,7 +125,14 @@ class ParamState:
         return cls(**values)
 
     def to(self, device: torch.device) -> ParamState:
-        """The same state with its tensors on ``device``."""
+        """The same state with its tensors on ``device``.
+
+        Args:
+            device: the target device.
+
+        Returns:
+            A new record (this one is unchanged).
+        """
 
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)

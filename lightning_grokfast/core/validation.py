@@ -16,11 +16,23 @@ import torch
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """Accept only a real ``bool`` (``"false"`` is not false).
+    """Accept only a real ``bool`` (the string ``"false"`` is not false).
+
+    Args:
+        value: the value given.
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``value``.
 
     Raises:
         ValueError: If ``value`` is not ``True`` or ``False``.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_bool
+        >>> check_bool(True, "warmup")
+        True
     """
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
@@ -38,9 +50,25 @@ def check_number(
 ) -> float:
     """A finite real number in the given range, as ``float``.
 
+    Args:
+        value: the value given.
+        name: the argument's name, for the error message.
+        low: the lower bound, or ``None``.
+        high: the upper bound, or ``None``.
+        low_inclusive: whether ``low`` itself is allowed.
+        high_inclusive: whether ``high`` itself is allowed.
+
+    Returns:
+        ``value`` as a ``float``.
+
     Raises:
         ValueError: If ``value`` is not a finite real number in the range (the message states the range).
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_number
+        >>> check_number(2, "lamb", low=0)
+        2.0
     """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if ok:
@@ -69,9 +97,21 @@ def _describe_range(low: float | None, high: float | None, low_inclusive: bool, 
 def check_alpha(alpha: Any, name: str = "alpha") -> float:
     """Validate an EMA momentum in ``[0, 1)``.
 
+    Args:
+        alpha: the value given.
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``alpha`` as a ``float``.
+
     Raises:
         ValueError: If ``alpha`` is not a finite number in ``[0, 1)``.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_alpha
+        >>> check_alpha(0.98)
+        0.98
     """
     return check_number(alpha, name, low=0.0, high=1.0, high_inclusive=False)
 
@@ -79,9 +119,21 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
 def check_lamb(lamb: Any, name: str = "lamb") -> float:
     """Validate an amplification factor ``>= 0``.
 
+    Args:
+        lamb: the value given.
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``lamb`` as a ``float``.
+
     Raises:
         ValueError: If ``lamb`` is negative or not finite.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_lamb
+        >>> check_lamb(5)
+        5.0
     """
     return check_number(lamb, name, low=0.0)
 
@@ -89,9 +141,22 @@ def check_lamb(lamb: Any, name: str = "lamb") -> float:
 def check_int(value: Any, name: str, *, low: int = 0) -> int:
     """An ``int`` (not a bool) ``>= low``.
 
+    Args:
+        value: the value given.
+        name: the argument's name, for the error message.
+        low: the smallest value allowed.
+
+    Returns:
+        ``value``.
+
     Raises:
         ValueError: If ``value`` is not an integer ``>= low``.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_int
+        >>> check_int(100, "window_size", low=1)
+        100
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
@@ -101,9 +166,22 @@ def check_int(value: Any, name: str, *, low: int = 0) -> int:
 def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     """One of ``choices``.
 
+    Args:
+        value: the value given.
+        name: the argument's name, for the error message.
+        choices: the values allowed.
+
+    Returns:
+        ``value``.
+
     Raises:
         ValueError: If ``value`` is not one of ``choices``.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import check_choice
+        >>> check_choice("ma", "filter", ("ema", "ma"))
+        'ma'
     """
     allowed = tuple(choices)
     if value not in allowed:
@@ -116,9 +194,21 @@ def as_pattern_list(value: Any, name: str) -> list[re.Pattern[str]]:
 
     A string is *one* pattern, never split into characters.
 
+    Args:
+        value: ``None``, a pattern, or a list/tuple of patterns.
+        name: the argument's name, for the error message.
+
+    Returns:
+        The compiled patterns.
+
     Raises:
         ValueError: If ``value`` is neither a string nor a list/tuple of strings, or a pattern does not compile.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import as_pattern_list
+        >>> [p.pattern for p in as_pattern_list("bias", "exclude")]
+        ['bias']
     """
     if value is None:
         return []
@@ -134,9 +224,21 @@ def as_pattern_list(value: Any, name: str) -> list[re.Pattern[str]]:
 def compile_pattern(pattern: str, name: str) -> re.Pattern[str]:
     """Compile a regular expression, naming the argument on failure.
 
+    Args:
+        pattern: the regular expression.
+        name: the argument's name, for the error message.
+
+    Returns:
+        The compiled pattern.
+
     Raises:
         ValueError: If ``pattern`` is not a valid regular expression.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import compile_pattern
+        >>> compile_pattern("^head", "exclude").pattern
+        '^head'
     """
     try:
         return re.compile(pattern)
@@ -147,9 +249,21 @@ def compile_pattern(pattern: str, name: str) -> re.Pattern[str]:
 def as_pattern_factors(value: Any, name: str) -> list[tuple[re.Pattern[str], float]]:
     """``{pattern: factor >= 0}`` as a list of compiled ``(pattern, factor)``; ``None`` is an empty list.
 
+    Args:
+        value: ``None`` or a mapping of regular expressions to factors.
+        name: the argument's name, for the error message.
+
+    Returns:
+        The compiled patterns with their factors, in the mapping's order.
+
     Raises:
         ValueError: If ``value`` is not a mapping of strings to finite numbers ``>= 0``.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import as_pattern_factors
+        >>> [(p.pattern, f) for p, f in as_pattern_factors({"^head": 0.5}, "lamb_scale")]
+        [('^head', 0.5)]
     """
     if value is None:
         return []
@@ -164,9 +278,23 @@ def as_pattern_factors(value: Any, name: str) -> list[tuple[re.Pattern[str], flo
 def as_float_list(value: Any, name: str, *, low: float | None = None, high: float | None = None) -> list[float]:
     """One number or a list/tuple of numbers in a range, as a list of floats.
 
+    Args:
+        value: a number or a list/tuple of numbers.
+        name: the argument's name, for the error message.
+        low: the lower bound (inclusive), or ``None``.
+        high: the upper bound (inclusive), or ``None``.
+
+    Returns:
+        The numbers as floats.
+
     Raises:
         ValueError: If ``value`` is not a number or a list/tuple of numbers in the range.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import as_float_list
+        >>> as_float_list(0.5, "marks", low=0, high=1)
+        [0.5]
     """
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = [value]
@@ -178,9 +306,22 @@ def as_float_list(value: Any, name: str, *, low: float | None = None, high: floa
 def require(module: str, extra: str, what: str) -> Any:
     """Import an optional dependency, or fail naming the extra that installs it.
 
+    Args:
+        module: the module to import.
+        extra: the extra of lightning-grokfast that installs it.
+        what: what needs it, for the error message.
+
+    Returns:
+        The imported module.
+
     Raises:
         ImportError: If ``module`` is not installed (the message says ``pip install "lightning-grokfast[extra]"``).
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import require
+        >>> require("math", "tasks", "the digits task").sqrt(4.0)
+        2.0
     """
     import importlib
 
@@ -195,9 +336,20 @@ def require(module: str, extra: str, what: str) -> Any:
 def resolve_state_dtype(state_dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Turn ``"float32"``/``torch.float32``/``None`` into a floating dtype or ``None``.
 
+    Args:
+        state_dtype: a dtype, its name, or ``None`` (keep the gradient's dtype).
+
+    Returns:
+        The dtype, or ``None``.
+
     Raises:
         ValueError: If the name is not a floating point dtype.
 
+    Example::
+
+        >>> from lightning_grokfast.core.validation import resolve_state_dtype
+        >>> resolve_state_dtype("float32")
+        torch.float32
     """
     dtype: Any
     if state_dtype is None or isinstance(state_dtype, torch.dtype):

@@ -34,6 +34,19 @@ class FilterState(dict):  # type: ignore[type-arg]
     """The ``grads`` value the functions return and take back: parameter name -> slow gradient (EMA or window mean).
 
     The mapping is refreshed after every call (read-only in spirit: the filter's own state is in ``.filter``).
+
+    Args:
+        filter: the filter whose slow gradients the mapping shows.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.integrations.functional import gradfilter_ema
+        >>> model = torch.nn.Linear(2, 1)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> grads = gradfilter_ema(model)
+        >>> sorted(grads)
+        ['bias', 'weight']
     """
 
     def __init__(self, filter: GradientFilter) -> None:
@@ -86,6 +99,16 @@ def gradfilter_ema(
     Raises:
         ValueError: If an argument is out of range or ``grads`` is not what a previous call returned.
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.integrations.functional import gradfilter_ema
+        >>> model = torch.nn.Linear(2, 1)
+        >>> grads = None
+        >>> for _ in range(2):
+        ...     model(torch.ones(1, 2)).sum().backward()
+        ...     grads = gradfilter_ema(model, grads=grads, alpha=0.98, lamb=2.0)
+        ...     model.zero_grad()
     """
     state = _state_for(grads, FilterConfig("ema", alpha=alpha, lamb=lamb, state_dtype=None), "gradfilter_ema")
     state.filter.alpha, state.filter.lamb = alpha, lamb
@@ -122,6 +145,16 @@ def gradfilter_ma(
     Raises:
         ValueError: If an argument is out of range or ``grads`` is not what a previous call returned.
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.integrations.functional import gradfilter_ma
+        >>> model = torch.nn.Linear(2, 1)
+        >>> grads = None
+        >>> for _ in range(2):
+        ...     model(torch.ones(1, 2)).sum().backward()
+        ...     grads = gradfilter_ma(model, grads=grads, window_size=100, lamb=5.0)
+        ...     model.zero_grad()
     """
     config = FilterConfig(
         "ma", window_size=window_size, lamb=lamb, filter_type=filter_type, warmup=warmup, state_dtype=None

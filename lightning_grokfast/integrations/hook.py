@@ -6,7 +6,8 @@ keeps the filter state in ``optimizer.state_dict()``. Pure torch: no Lightning i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from lightning_grokfast.core.amp import scaler_found_inf
 from lightning_grokfast.core.binding import OptimizerBinding, ParamSelection
 from lightning_grokfast.core.config import FilterConfig, TunableSettings
 from lightning_grokfast.core.filters import GradientFilter, StepInfo
+from lightning_grokfast.core.optim_state import unwrap_optimizer
 from lightning_grokfast.core.sharding import is_state_init_step
 from lightning_grokfast.core.validation import as_pattern_factors, as_pattern_list, check_bool, check_int
 
@@ -45,6 +47,7 @@ class GrokfastHandle(TunableSettings):
         scaler: torch.amp.GradScaler | None,
         compute_norms: bool,
     ) -> None:
+        _refuse_closure_only(unwrap_optimizer(optimizer))
         names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
         self.config = config
         self.start_step = start_step
@@ -61,6 +64,12 @@ class GrokfastHandle(TunableSettings):
             extras=(self._counters, self._load_counters),
         )
         self.optimizer = self._binding.optimizer
+        self._binding.warn_when_empty = True  # (in Lightning, a training_step returning None skips on purpose)
+        try:  # state that optimizer.load_state_dict() loaded before this attach (load-then-attach scripts)
+            self._binding.adopt()
+        except ValueError:
+            self._binding.release()
+            raise
         self._hook: RemovableHandle | None = self.optimizer.register_step_pre_hook(self._before_step)
 
     # ------------------------------------------------------------------ settings
@@ -80,21 +89,69 @@ class GrokfastHandle(TunableSettings):
             self._hook = None
             self._binding.release()
 
+    def unclaim(self) -> None:
+        """Leave the parameters free for another filter until this handle's next step (which claims them again).
+
+        The hook and the checkpoint link stay, e.g. when a Hugging Face ``trainer.train()`` ends: another trainer may
+        then filter the same model, while this optimizer's state dict still carries the filter state.
+        """
+        self._binding.unclaim()
+
     # ------------------------------------------------------------------ the hook
-    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.enabled or is_state_init_step(self.optimizer):
-            return
+            return None
+        # torch passes step()'s own arguments, the optimizer first: args == (optimizer, closure?)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._filter()
+            return None
+        # The closure computes the gradients inside step(), after this hook: filter them when it returns.
+        wrapped = self._filtering(closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
+
+    def _filter(self) -> None:
         self.last_info = self._binding.step(
             amplify=self.filter.steps >= self.start_step,
             found_inf=scaler_found_inf(self.scaler, self.optimizer),
             compute_norms=self.compute_norms,
         )
 
+    def _filtering(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` followed by one filter step, on its first call (optimizers that take an optional closure call
+        it once per step)."""
+        calls = 0
+
+        def filtered_closure() -> Any:
+            nonlocal calls
+            loss = closure()
+            calls += 1
+            if calls == 1:
+                self._filter()
+            return loss
+
+        return filtered_closure
+
     def _counters(self) -> dict[str, Any]:
         return {**self.filter.counters(), **self.config.structure(), **self.config.tunables()}
 
     def _load_counters(self, saved: Mapping[str, Any]) -> None:
         self.filter.load_counters(saved)
+
+
+def _refuse_closure_only(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizers whose ``step`` needs a closure evaluate it several times per step (LBFGS: once per line-search
+    point), each time with new raw gradients; filtering one of them would not be Grokfast, so they are refused."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"attach_grokfast cannot filter {type(optimizer).__name__}: its step() requires a closure, which it may"
+            " evaluate several times per step, each time computing new gradients after the step pre-hook has run;"
+            " there is no single gradient per step to filter. Use an optimizer whose step() takes the gradients as"
+            " they are (SGD, Adam, AdamW, ...), or call a lightning_grokfast GradientFilter inside your closure."
+        )
 
 
 def attach_grokfast(
@@ -133,8 +190,9 @@ def attach_grokfast(
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"``.
         model: gives the parameters their names (for ``exclude``, ``lamb_scale`` and readable errors); without it,
             parameters are called ``group{g}.param{j}``.
-        alpha, lamb, window_size, ma_lamb, warmup, filter_type, normalize, state_dtype, resum_every, check_finite,
-            orthogonal, max_amplified_ratio: the filter settings of :class:`~lightning_grokfast.FilterConfig`.
+        alpha: and ``lamb``, ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``,
+            ``resum_every``, ``check_finite``, ``orthogonal``, ``max_amplified_ratio``: the filter settings of
+            :class:`~lightning_grokfast.FilterConfig`.
         exclude: a regular expression or a list of them; parameters whose name matches any are not filtered.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor``.

@@ -38,6 +38,18 @@ class ClassificationTask(pl.LightningModule):
     Raises:
         ValueError: If an argument is out of range.
 
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.tasks.base import ClassificationTask
+        >>> class Linear(ClassificationTask):
+        ...     def __init__(self) -> None:
+        ...         super().__init__(num_classes=3)
+        ...         self.layer = torch.nn.Linear(4, 3)
+        ...     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        ...         return self.layer(inputs)
+        >>> Linear()(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
     """
 
     def __init__(
@@ -97,7 +109,23 @@ class ClassificationTask(pl.LightningModule):
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict[str, Any]:
-    """A Lightning ``lr_scheduler`` entry: the learning rate rises linearly over ``warmup_steps`` optimizer steps."""
+    """A Lightning ``lr_scheduler`` entry: the learning rate rises linearly over ``warmup_steps`` optimizer steps.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        warmup_steps: optimizer steps until the full learning rate (0: none).
+
+    Returns:
+        ``{"scheduler": LambdaLR, "interval": "step"}``, for ``configure_optimizers``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.tasks.base import warmup_schedule
+        >>> optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+        >>> warmup_schedule(optimizer, 10)["interval"]
+        'step'
+    """
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, step / warmup_steps) if warmup_steps else 1.0
     )
@@ -119,6 +147,12 @@ class SplitDataModule(pl.LightningDataModule):
     Raises:
         ValueError: If an argument is out of range.
 
+    Example::
+
+        >>> from lightning_grokfast.tasks import ModularArithmeticDataModule
+        >>> data = ModularArithmeticDataModule(p=11, batch_size=16)
+        >>> len(data.train_set) + len(data.val_set)
+        110
     """
 
     train_set: TensorDataset

@@ -22,9 +22,18 @@ NUM_DIGITS = 1797
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
     """scikit-learn's digits as ``(inputs, targets)``: ``(1797, 64)`` floats in ``[0, 1]`` and labels ``0..9``.
 
+    Returns:
+        ``(inputs, targets)``.
+
     Raises:
         ImportError: If scikit-learn is not installed (``pip install scikit-learn``).
 
+    Example::
+
+        >>> from lightning_grokfast.tasks.digits import load_digits_tensors
+        >>> inputs, targets = load_digits_tensors()
+        >>> tuple(inputs.shape), int(targets.max())
+        ((1797, 64), 9)
     """
     try:
         from sklearn.datasets import load_digits

@@ -37,6 +37,8 @@ def stablemax(logits: Tensor, dim: int = -1) -> Tensor:
         >>> stablemax(torch.tensor([0.0, 1.0, -1.0]))
         tensor([0.2857, 0.5714, 0.1429])
 
+    Returns:
+        The probabilities, shaped like ``logits``.
     """
     s = _s(logits)
     return s / s.sum(dim=dim, keepdim=True)
@@ -59,6 +61,8 @@ def stablemax_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "m
         >>> round(float(loss), 4)  # -log(3 / (3 + 1 + 0.5))
         0.4055
 
+    Returns:
+        The loss: a 0-dim tensor, or ``(N,)`` with ``reduction="none"``.
     """
     check_choice(reduction, "reduction", ("mean", "sum", "none"))
     s = _s(logits.double())
@@ -76,9 +80,20 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss function called ``name`` in :data:`LOSSES`.
 
+    Args:
+        name: ``"cross_entropy"`` or ``"stablemax"``.
+
+    Returns:
+        The function ``(logits, targets) -> loss``.
+
     Raises:
         ValueError: If ``name`` is unknown.
 
+    Example::
+
+        >>> from lightning_grokfast.tasks.losses import get_loss
+        >>> get_loss("stablemax").__name__
+        'stablemax_cross_entropy'
     """
     check_choice(name, "loss", tuple(LOSSES))
     return LOSSES[name]

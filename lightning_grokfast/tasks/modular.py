@@ -58,6 +58,12 @@ def make_modular_dataset(operation: str = "*", p: int = 97) -> tuple[Tensor, Ten
     Raises:
         ValueError: If ``operation`` is unknown or ``p`` is not a prime.
 
+    Example::
+
+        >>> from lightning_grokfast.tasks import make_modular_dataset
+        >>> inputs, targets = make_modular_dataset("*", p=5)
+        >>> inputs[7].tolist(), int(targets[7])
+        ([1, 6, 4, 5], 4)
     """
     if operation not in OPERATIONS:
         raise ValueError(f"`operation` must be one of {list(OPERATIONS)}, got {operation!r}.")

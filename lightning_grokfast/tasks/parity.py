@@ -33,6 +33,12 @@ def make_sparse_parity_dataset(
     Raises:
         ValueError: If an argument is out of range.
 
+    Example::
+
+        >>> from lightning_grokfast.tasks.parity import make_sparse_parity_dataset
+        >>> inputs, targets, relevant = make_sparse_parity_dataset(num_bits=8, k=2, num_examples=16)
+        >>> tuple(inputs.shape), len(relevant)
+        ((16, 8), 2)
     """
     check_int(num_bits, "num_bits", low=1)
     if num_bits > 62:
