@@ -59,14 +59,19 @@ def load(storage: str, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def reaching(tmp_path: Path) -> str:
+    """A search space of one setting that reaches the target of :data:`TINY` (no filter, lr 0.01: step 25)."""
+    return space_file(tmp_path, {"filter": "none"})
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'tune.db'}"
 
 
 # ---------------------------------------------------------------------- the objective
-def test_a_trial_is_a_fit_whose_value_is_the_steps_to_the_target(storage: str) -> None:
-    main(tune_args(storage, "--n-trials", "1", "--pruner", "none"))
+def test_a_trial_is_a_fit_whose_value_is_the_steps_to_the_target(storage: str, tmp_path: Path) -> None:
+    main(tune_args(storage, "--n-trials", "1", "--pruner", "none", "--search-space", reaching(tmp_path)))
     (trial,) = load(storage).trials
     assert trial.state == TrialState.COMPLETE
     assert trial.user_attrs["steps_to_target"]["0"] == trial.value
@@ -79,8 +84,22 @@ def test_not_reached_counts_more_than_the_budget_and_less_the_closer_it_came() -
     assert not_reached_value(spec, float("nan"), 3000) == 6000
 
 
-def test_seeds_make_the_value_the_median_of_one_fit_per_seed(storage: str) -> None:
-    main(tune_args(storage, "--n-trials", "1", "--pruner", "none", "--seeds", "0", "1", "2"))
+def test_seeds_make_the_value_the_median_of_one_fit_per_seed(storage: str, tmp_path: Path) -> None:
+    main(
+        tune_args(
+            storage,
+            "--n-trials",
+            "1",
+            "--pruner",
+            "none",
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--search-space",
+            reaching(tmp_path),
+        )
+    )
     (trial,) = load(storage).trials
     steps = trial.user_attrs["steps_to_target"]
     assert sorted(steps) == ["0", "1", "2"]
@@ -92,6 +111,14 @@ def test_progress_line_names_the_trial_settings_steps_and_best(storage: str, cap
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[tune] trial")]
     assert len(lines) == 2
     assert all("filter=" in line and "steps" in line and "| best" in line for line in lines)
+
+
+def test_a_trial_repeating_finished_settings_takes_their_value_without_training(storage: str, tmp_path: Path) -> None:
+    space = space_file(tmp_path, {"filter": "none"})
+    main(tune_args(storage, "--n-trials", "2", "--pruner", "none", "--search-space", space))
+    first, second = load(storage).trials
+    assert second.value == first.value and second.user_attrs["repeats_trial"] == 0
+    assert "seconds" not in second.user_attrs  # nothing was trained
 
 
 # ---------------------------------------------------------------------- search space
@@ -178,8 +205,8 @@ def test_the_patient_pruner_spares_a_run_that_is_still_improving(storage: str, t
         assert load(storage, name).trials[1].state == expected, pruner
 
 
-def test_a_finished_run_stays_at_the_target_for_the_pruner(storage: str) -> None:
-    main(tune_args(storage, "--n-trials", "1", "--pruner", "median"))
+def test_a_finished_run_stays_at_the_target_for_the_pruner(storage: str, tmp_path: Path) -> None:
+    main(tune_args(storage, "--n-trials", "1", "--pruner", "median", "--search-space", reaching(tmp_path)))
     (trial,) = load(storage).trials
     assert max(trial.intermediate_values) == 40  # reported up to the budget, though it stopped at the target
     assert trial.intermediate_values[40] == trial.intermediate_values[trial.value]

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_STORAGE", "build_parser", "main"]
 
 #: Storage used without ``--storage``: an SQLite file in the working directory.
 DEFAULT_STORAGE = "sqlite:///grokfast_tune.db"
+_ATTEMPTS = 5  # tries to open the storage / create the study while other workers initialise them
 #: Study user attribute holding what every worker and ``--export`` must share (config, space, target, seeds).
 STUDY_ATTR = "lightning_grokfast"
 
@@ -225,15 +227,22 @@ def main(argv: list[str] | None = None) -> None:
         if stored is None:
             parser.error(f"study {study_name!r} has no stored config: --config is needed to create it")
         setup = dict(stored)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction="minimize",
-        load_if_exists=True,
-        sampler=make_sampler(args, SearchSpace(setup["search_space"])),
-        pruner=make_pruner(args, setup["fit_config"]),
-    )
-    setup = _agree(study, setup, args.config is not None, parser)
+    for attempt in range(_ATTEMPTS):  # workers starting together may race to create the study
+        try:
+            study = optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                direction="minimize",
+                load_if_exists=True,
+                sampler=make_sampler(args, SearchSpace(setup["search_space"])),
+                pruner=make_pruner(args, setup["fit_config"]),
+            )
+            setup = _agree(study, setup, args.config is not None, parser)
+            break
+        except Exception:
+            if attempt == _ATTEMPTS - 1:
+                raise
+            time.sleep(1.0 + attempt)
     space, spec = SearchSpace(setup["search_space"]), TrialSpec(**{**setup["spec"], "seeds": tuple(setup["seeds"])})
     print(
         f"[tune] study {study_name!r} in {args.storage}: {args.n_trials} trials here, seeds {list(spec.seeds)},"
@@ -261,9 +270,20 @@ def run_trial(trial: optuna.Trial, fit_config: dict[str, Any], space: SearchSpac
     """One trial: draw the settings, fit every seed, record them, return the median value.
 
     The first seed's validation curve is reported to the pruner (the later seeds run only if it is not pruned).
+    Settings that repeat a finished trial's (``filter: none`` has nothing else to draw) take its value without
+    training again.
     Per-seed steps, the step budget and any error are stored as the trial's user attributes.
     """
+    import optuna
+
     settings = space.sample(trial)
+    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    for previous in finished:  # the fits are seeded: the same settings give the same runs
+        if previous.params == trial.params and previous.value is not None:
+            for key in ("steps_to_target", "best_value", "cap"):
+                trial.set_user_attr(key, previous.user_attrs.get(key))
+            trial.set_user_attr("repeats_trial", previous.number)
+            return previous.value
     config = apply_settings(fit_config, settings)
     outcomes = []
     try:
@@ -297,16 +317,22 @@ def open_storage(args: argparse.Namespace) -> optuna.storages.RDBStorage:
             retry["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(args.max_retry)
         else:
             retry["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=args.max_retry)
-    try:
-        return RDBStorage(
-            args.storage,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=args.heartbeat_interval or None,
-            grace_period=args.grace_period,
-            **retry,
-        )
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as error:
-        raise SystemExit(f"[tune] cannot open --storage {args.storage}: {error}") from error
+    for attempt in range(_ATTEMPTS):
+        try:
+            return RDBStorage(
+                args.storage,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=args.heartbeat_interval or None,
+                grace_period=args.grace_period,
+                **retry,
+            )
+        except (ImportError, ValueError) as error:
+            raise SystemExit(f"[tune] cannot open --storage {args.storage}: {error}") from error
+        except Exception as error:  # workers creating one new database at once: its tables are being made
+            if attempt == _ATTEMPTS - 1:
+                raise SystemExit(f"[tune] cannot open --storage {args.storage}: {error}") from error
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def make_sampler(args: argparse.Namespace, space: SearchSpace) -> optuna.samplers.BaseSampler:

@@ -44,7 +44,9 @@ def outcome_text(trial: optuna.trial.FrozenTrial) -> str:
     per_seed = ", ".join(f"{seed}: {_steps(s, cap)}" for seed, s in steps.items())
     reached = trial.value <= (cap or math.inf)
     head = f"{trial.value:,.0f} steps" if reached else f"not reached by {cap:,} (value {trial.value:,.0f})"
-    return f"{head} (seeds {per_seed})" if len(steps) > 1 else head
+    head = f"{head} (seeds {per_seed})" if len(steps) > 1 else head
+    repeats = trial.user_attrs.get("repeats_trial")
+    return head if repeats is None else f"{head}, as trial {repeats} (same settings, not trained again)"
 
 
 def _steps(steps: int | None, cap: int | None) -> str:

@@ -116,9 +116,9 @@ class TargetCallback(Callback):
 
     After every validation (the sanity check excepted) it reads ``trainer.callback_metrics[monitor]``. With a trial
     to report to, it reports :meth:`TrialSpec.distance` at ``trainer.global_step`` and stops the run when the
-    trial's pruner says so. A run that reaches the target reports the value it reached at the validation steps it
-    no longer runs (up to its step budget): to a pruner, a finished run stays at the target instead of vanishing
-    from the comparison at later steps.
+    trial's pruner says so. A run that reaches the target reports the value it reached at each later validation
+    step up to its step budget (without running them): to a pruner, a finished run stays at the target instead of
+    vanishing from the comparison at later steps.
 
     Args:
         spec: monitor, mode and target.
