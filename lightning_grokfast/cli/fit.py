@@ -36,7 +36,7 @@ from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
 from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback
 from lightning_grokfast.callbacks.grokfast import GrokfastCallback
 from lightning_grokfast.cli.configs import list_configs, resolve_config_args
-from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
+from lightning_grokfast.tasks.base import SplitDataModule, TaskModule
 from lightning_grokfast.tasks.modular import GrokTransformer, ModularArithmeticDataModule
 
 #: Trainer defaults of ``lightning-grokfast`` for the built-in task: validation every epoch (about 10 optimizer
@@ -170,7 +170,7 @@ class GrokfastCLI(LightningCLI):
 class TaskCLI(GrokfastCLI):
     r""":class:`GrokfastCLI` over every built-in task: the ``lightning-grokfast`` command.
 
-    ``--model`` takes any :class:`~lightning_grokfast.tasks.ClassificationTask` and ``--data`` any
+    ``--model`` takes any :class:`~lightning_grokfast.tasks.TaskModule` (a classifier or a regressor) and ``--data`` any
     :class:`~lightning_grokfast.tasks.SplitDataModule` (class name or class path); without them, the modular
     task (:class:`~lightning_grokfast.tasks.GrokTransformer` on
     :class:`~lightning_grokfast.tasks.ModularArithmeticDataModule`). Init arguments are given as usual
@@ -190,7 +190,7 @@ class TaskCLI(GrokfastCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        super().__init__(ClassificationTask, SplitDataModule, *args, **kwargs)
+        super().__init__(TaskModule, SplitDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)

@@ -33,6 +33,12 @@ class ParamSelection:
         exclude: compiled patterns; a parameter whose name matches any (``re.search``) is not filtered.
         lamb_scale: compiled ``(pattern, factor)`` pairs; the first match multiplies that parameter's amplification.
 
+    Example::
+
+        selection = ParamSelection([re.compile(r"bias$")], [(re.compile(r"^embed"), 0.5)])
+        selection.takes("layer.bias")  # False
+        selection.scales(["embed.weight", "head.weight"])  # {"embed.weight": 0.5}
+
     """
 
     def __init__(
@@ -42,9 +48,25 @@ class ParamSelection:
         self.lamb_scale = list(lamb_scale)
 
     def takes(self, name: str) -> bool:
+        """Whether the parameter called ``name`` is filtered.
+
+        Args:
+            name: the parameter's name.
+
+        Returns:
+            ``False`` when an ``exclude`` pattern matches it.
+        """
         return not any(p.search(name) for p in self.exclude)
 
     def scales(self, names: Sequence[str]) -> dict[str, float]:
+        """The ``lamb`` factor of each name that a ``lamb_scale`` pattern matches (first match wins).
+
+        Args:
+            names: parameter names.
+
+        Returns:
+            ``{name: factor}`` for the matched names only.
+        """
         out = {}
         for name in names:
             factor = next((f for p, f in self.lamb_scale if p.search(name)), None)
@@ -77,6 +99,14 @@ class OptimizerBinding:
 
     A binding *claims* its parameters when it first filters them (or when :meth:`claim` is called): a gradient
     claimed by two live bindings would be amplified twice, so that raises.
+
+    Example::
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        binding = OptimizerBinding(optimizer, FilterConfig("ema"), names=names)
+        loss.backward()
+        binding.step()  # filters the gradients present now
+        optimizer.step()
 
     """
 
@@ -121,6 +151,9 @@ class OptimizerBinding:
 
     def refresh(self, names: Mapping[int, str] | None = None) -> bool:
         """Re-read the optimizer's parameters if their layout changed (or new ``names`` are given).
+
+        Args:
+            names: new parameter names by ``id(param)`` (``None``: keep the current ones).
 
         Returns:
             Whether the filtered parameters changed.
@@ -204,9 +237,17 @@ class OptimizerBinding:
     ) -> StepInfo | None:
         """Filter the gradients present now (parameters without one are left alone, their state too).
 
+        Args:
+            amplify: add the slow part (``False``: only update the state, e.g. before ``start_step``).
+            found_inf: the grad scaler's overflow verdict (0-dim tensor), replacing the filter's own finite check.
+            compute_norms: fill the norms of the returned :class:`~lightning_grokfast.StepInfo`.
+
         Returns:
-            The filter's :class:`~lightning_grokfast.StepInfo`, or ``None`` when no parameter has a gradient (warned
-            once per binding, since a filter that never finds a gradient does nothing).
+            The filter's :class:`~lightning_grokfast.StepInfo`, or ``None`` when no parameter has a gradient (with
+            ``warn_when_empty``, warned once per binding, since a filter that never finds a gradient does nothing).
+
+        Raises:
+            ValueError: If another binding already filters one of these parameters.
 
         """
         self.refresh()
@@ -276,7 +317,11 @@ class OptimizerBinding:
         return self._checked[key]
 
     def local_found_inf(self) -> Tensor:
-        """1.0 when some gradient of this rank (its shard, if sharded) is not finite, else 0.0 (0-dim tensor)."""
+        """Whether some gradient of this rank (its shard, if sharded) is not finite.
+
+        Returns:
+            A 0-dim tensor, 1.0 when a gradient is not finite, else 0.0 (summed over ranks by the caller).
+        """
         return self.filter.local_found_inf([local(p.grad) for p in self.params if p.grad is not None])
 
     def release(self) -> None:

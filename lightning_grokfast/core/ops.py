@@ -101,6 +101,16 @@ def norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 
     A norm is finite exactly when every element of its tensor is (barring overflow of the sum of squares), so this
     is also the finiteness check of a step.
+
+    Args:
+        tensors: the tensors (one device, one dtype).
+
+    Returns:
+        A vector with one norm per tensor.
+
+    Example::
+
+        norms([torch.ones(4), torch.zeros(2)])  # tensor([2., 0.])
     """
     if tensors[0].dtype in (torch.float16, torch.bfloat16):
         return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32))
@@ -137,6 +147,16 @@ def ema_amplify_(ema: list[Tensor], grads: list[Tensor], weight: Tensor, coef: T
     read once and written once (4 memory passes instead of the 6 of two foreach calls). ``weight`` and ``coef``
     are 0-dim float32 tensors, so that changing ``alpha`` or ``lamb`` does not recompile. Eager, it is correct but
     slower than :func:`ema_update_` followed by :func:`add_scaled_`.
+
+    Args:
+        ema: the EMA tensors, updated in place.
+        grads: the gradients, amplified in place.
+        weight: ``1 - alpha`` as a 0-dim float32 tensor.
+        coef: the amplification ``lamb`` as a 0-dim float32 tensor.
+
+    Example::
+
+        compiled_ema_amplify()(ema, grads, torch.tensor(0.02), torch.tensor(2.0))
     """
     for state, grad in zip(ema, grads):
         state.add_((grad.to(state.dtype) - state) * weight)
@@ -150,7 +170,18 @@ def compiled_ema_amplify() -> Any:
     """:func:`ema_amplify_` compiled by ``torch.compile`` (``fullgraph=True``), built once per process.
 
     Compilation happens at the first call for each list of shapes (seconds; on CPU up to a minute, with a C++
-    compiler). Raises what ``torch.compile`` raises when no backend is available.
+    compiler).
+
+    Returns:
+        The compiled function, with the signature of :func:`ema_amplify_`.
+
+    Raises:
+        RuntimeError: What ``torch.compile`` raises when no backend is available (at the first call).
+
+    Example::
+
+        fused = compiled_ema_amplify()
+        fused(ema, grads, torch.tensor(1 - alpha), torch.tensor(lamb))
     """
     fn = _COMPILED.get("ema_amplify_")
     if fn is None:
@@ -167,6 +198,16 @@ def ma_amplify_(ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor],
     sum are read once, the sum, the slot and the gradient written once (the 6 passes of the memory floor, instead
     of the 11 of four foreach calls). The same operations in the same order as the foreach path, so the running sum
     still adds exactly what the slot keeps. ``coef`` is a 0-dim float32 tensor (no recompilation when it changes).
+
+    Args:
+        ma_sum: the running sums, updated in place.
+        oldest: the ring-buffer slots the gradients replace, overwritten.
+        grads: the gradients, amplified in place.
+        coef: ``lamb`` (over the window size for a mean) as a 0-dim float32 tensor.
+
+    Example::
+
+        compiled_ma_amplify()(sums, [w[slot] for w in windows], grads, torch.tensor(lamb / window_size))
     """
     for total, slot, grad in zip(ma_sum, oldest, grads):
         total.sub_(slot)
@@ -176,7 +217,16 @@ def ma_amplify_(ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor],
 
 
 def compiled_ma_amplify() -> Any:
-    """:func:`ma_amplify_` compiled by ``torch.compile`` (``fullgraph=True``), built once per process."""
+    """:func:`ma_amplify_` compiled by ``torch.compile`` (``fullgraph=True``), built once per process.
+
+    Returns:
+        The compiled function, with the signature of :func:`ma_amplify_`.
+
+    Example::
+
+        fused = compiled_ma_amplify()
+        fused(sums, slots, grads, torch.tensor(lamb / window_size))
+    """
     fn = _COMPILED.get("ma_amplify_")
     if fn is None:
         # emulate_precision_casts: the sum must add the slot's rounded (e.g. bfloat16) value, not the float32

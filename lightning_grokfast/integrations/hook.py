@@ -34,6 +34,24 @@ class GrokfastHandle(TunableSettings):
         enabled: on/off switch (off: gradients and state are left alone).
         last_info: the :class:`~lightning_grokfast.StepInfo` of the last step (device tensors).
 
+    Args:
+        optimizer: the optimizer (or a wrapper holding one as ``.optimizer``).
+        config: the filter configuration (shared, not copied).
+        model: names the parameters (``None``: ``group{g}.param{j}``).
+        selection: which parameters are filtered, and their ``lamb`` factors.
+        start_step: first optimizer step at which the slow part is added.
+        scaler: the ``GradScaler`` whose overflow verdict replaces the filter's own check.
+        compute_norms: keep the raw and slow gradient norms of each step in ``last_info``.
+
+    Raises:
+        ValueError: If the optimizer's ``step`` requires a closure, or state loaded into it does not fit this filter.
+
+    Example::
+
+        handle = attach_grokfast(optimizer, filter="ema", model=model)  # builds the handle
+        handle.lamb = 3.0  # live: the next step uses it
+        handle.remove()
+
     """
 
     def __init__(
@@ -190,9 +208,18 @@ def attach_grokfast(
         filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"``.
         model: gives the parameters their names (for ``exclude``, ``lamb_scale`` and readable errors); without it,
             parameters are called ``group{g}.param{j}``.
-        alpha: and ``lamb``, ``window_size``, ``ma_lamb``, ``warmup``, ``filter_type``, ``normalize``, ``state_dtype``,
-            ``resum_every``, ``check_finite``, ``orthogonal``, ``max_amplified_ratio``: the filter settings of
-            :class:`~lightning_grokfast.FilterConfig`.
+        alpha: EMA momentum, in ``[0, 1)``.
+        lamb: amplification of the slow part (of the EMA, or of the MA with ``filter="ma"``), ``>= 0``.
+        window_size: moving-average window, ``>= 1``.
+        ma_lamb: amplification of the MA term with ``filter="ema+ma"``, ``>= 0``.
+        warmup: MA only: add nothing until the window is full.
+        filter_type: MA aggregation, ``"mean"`` or ``"sum"``.
+        normalize: scale the slow part to the gradient's norm.
+        state_dtype: dtype of the EMA and MA-window state (``"float32"``, ``"bfloat16"``; ``None``: the gradient's).
+        resum_every: re-sum the MA window exactly every this many steps (``None``: the default schedule).
+        check_finite: skip a step whose gradients are not all finite (one host read of a flag per step).
+        orthogonal: remove from each gradient its component along its parameter first (⊥Grad).
+        max_amplified_ratio: divergence guard: cap the added term's norm at this multiple of the gradient's norm.
         exclude: a regular expression or a list of them; parameters whose name matches any are not filtered.
         lamb_scale: ``{pattern: factor}``; parameters whose name matches a pattern (first match wins) use
             ``lamb * factor``.

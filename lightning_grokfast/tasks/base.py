@@ -1,4 +1,4 @@
-"""What every built-in task's model shares: the loss, the logged metrics and the optimizer with its warm-up."""
+"""What every built-in task shares: the optimizer and its warm-up, the losses and metrics, the train/validation data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_grokfast.core.validation import check_choice, check_int, check_number, require
@@ -19,8 +19,65 @@ torchmetrics = require("torchmetrics", "tasks", "The built-in tasks")
 OPTIMIZERS = ("adam", "adamw")
 
 
-class ClassificationTask(pl.LightningModule):
-    """Base of the built-in tasks' models: a classifier trained with Adam(W) and a linear learning-rate warm-up.
+class TaskModule(pl.LightningModule):
+    """Base of every built-in task's model: Adam(W) with a linear learning-rate warm-up, validated arguments.
+
+    Subclasses set their loss and metrics (:class:`ClassificationTask`, :class:`RegressionTask`), build their
+    layers and define ``forward``. ``lightning-grokfast`` (:class:`~lightning_grokfast.cli.fit.TaskCLI`) takes
+    any subclass as ``--model``.
+
+    Args:
+        lr: learning rate.
+        weight_decay: weight decay, ``>= 0``.
+        betas: Adam betas.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps (0: none).
+        optimizer: ``"adam"`` (coupled L2 weight decay) or ``"adamw"`` (decoupled).
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        class MyTask(ClassificationTask):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.net = torch.nn.Linear(8, 2)
+
+            def forward(self, inputs):
+                return self.net(inputs)
+
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 10,
+        optimizer: str = "adam",
+    ) -> None:
+        super().__init__()
+        check_number(lr, "lr", low=0.0, low_inclusive=False)
+        check_number(weight_decay, "weight_decay", low=0.0)
+        if len(betas) != 2:
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
+        for beta in betas:
+            check_number(beta, "betas", low=0.0, high=1.0, high_inclusive=False)
+        check_int(warmup_steps, "warmup_steps")
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        self.save_hyperparameters()  # also collects the subclasses' arguments
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer_class = torch.optim.AdamW if hp["optimizer"] == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(
+            self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=tuple(hp["betas"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp["warmup_steps"])}
+
+
+class ClassificationTask(TaskModule):
+    """Base of the built-in classifiers: a :class:`TaskModule` with a classification loss and accuracies.
 
     Subclasses build their layers and define ``forward(inputs) -> logits``. Logged: ``train_loss`` and
     ``train_acc`` (per step and per epoch), ``val_loss`` and ``val_acc``, ``test_loss`` and ``test_acc``; the
@@ -62,17 +119,8 @@ class ClassificationTask(pl.LightningModule):
         optimizer: str = "adam",
         loss: str = "cross_entropy",
     ) -> None:
-        super().__init__()
         check_int(num_classes, "num_classes", low=2)
-        check_number(lr, "lr", low=0.0, low_inclusive=False)
-        check_number(weight_decay, "weight_decay", low=0.0)
-        if len(betas) != 2:
-            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
-        for beta in betas:
-            check_number(beta, "betas", low=0.0, high=1.0, high_inclusive=False)
-        check_int(warmup_steps, "warmup_steps")
-        check_choice(optimizer, "optimizer", OPTIMIZERS)
-        self.save_hyperparameters()  # also collects the subclass's arguments
+        super().__init__(lr, weight_decay, betas, warmup_steps, optimizer)
         self.loss_fn = get_loss(loss)
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -99,13 +147,51 @@ class ClassificationTask(pl.LightningModule):
         self.log("test_loss", self.loss_fn(logits, targets))
         self.log("test_acc", (logits.argmax(-1) == targets).float().mean())
 
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer_class = torch.optim.AdamW if hp["optimizer"] == "adamw" else torch.optim.Adam
-        optimizer = optimizer_class(
-            self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=tuple(hp["betas"])
-        )
-        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, hp["warmup_steps"])}
+
+class RegressionTask(TaskModule):
+    """Base of the built-in regression models: a :class:`TaskModule` with the mean squared error as loss and metric.
+
+    Subclasses build their layers and define ``forward(inputs) -> predictions`` of the targets' shape. Logged:
+    ``train_loss`` (per step and per epoch), ``val_loss`` and ``test_loss``, all mean squared errors: lower is
+    better, so :class:`~lightning_grokfast.GrokkingDetectorCallback` and ``lightning-grokfast tune`` read them with
+    ``mode="min"``.
+
+    Args:
+        lr: learning rate.
+        weight_decay: weight decay, ``>= 0``.
+        betas: Adam betas.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps (0: none).
+        optimizer: ``"adam"`` (coupled L2 weight decay) or ``"adamw"`` (decoupled).
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        class MyRegressor(RegressionTask):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.net = torch.nn.Linear(8, 1)
+
+            def forward(self, inputs):
+                return self.net(inputs)
+
+    """
+
+    def _mse(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return nn.functional.mse_loss(self(inputs), targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._mse(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self._mse(batch), prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test_loss", self._mse(batch))
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict[str, Any]:
@@ -182,4 +268,43 @@ class SplitDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-__all__ = ["LOSSES", "OPTIMIZERS", "ClassificationTask", "SplitDataModule", "warmup_schedule"]
+def split_table(
+    inputs: Tensor, targets: Tensor, train_fraction: float, generator: torch.Generator
+) -> tuple[TensorDataset, TensorDataset]:
+    """Split a table of examples at random into a train and a validation set (each example in exactly one).
+
+    Args:
+        inputs: the examples' inputs, one row each.
+        targets: their targets, as many as ``inputs``.
+        train_fraction: fraction of the examples that go to the train set (rounded), in ``(0, 1)``.
+        generator: the random stream of the split (one ``randperm`` of the examples is drawn from it).
+
+    Returns:
+        ``(train_set, val_set)``: the first ``round(train_fraction * len(targets))`` examples of the permutation, and
+        the others.
+
+    Raises:
+        ValueError: If ``train_fraction`` is not in ``(0, 1)``.
+
+    Example::
+
+        train_set, val_set = split_table(inputs, targets, 0.5, torch.Generator().manual_seed(0))
+
+    """
+    check_number(train_fraction, "train_fraction", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    order = torch.randperm(len(targets), generator=generator)
+    n_train = round(train_fraction * len(targets))
+    train, val = order[:n_train], order[n_train:]
+    return TensorDataset(inputs[train], targets[train]), TensorDataset(inputs[val], targets[val])
+
+
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "ClassificationTask",
+    "RegressionTask",
+    "SplitDataModule",
+    "TaskModule",
+    "split_table",
+    "warmup_schedule",
+]

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_grokfast.core.validation import check_bool, check_int, check_number
-from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule
+from lightning_grokfast.tasks.base import ClassificationTask, SplitDataModule, split_table
 
 OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "+": lambda x, y, p: (x + y) % p,
@@ -195,11 +195,8 @@ class ModularArithmeticDataModule(SplitDataModule):
         self.save_hyperparameters()
         inputs, targets = make_modular_dataset(operation, p)
         generator = paper_random_stream(seed, p + 2) if paper_order else torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(targets), generator=generator)
+        self.train_set, self.val_set = split_table(inputs, targets, train_fraction, generator)
         self._shuffle_state = generator.get_state()  # the paper's epochs draw their permutations from here on
-        n_train = round(train_fraction * len(targets))
-        self.train_set = TensorDataset(inputs[order[:n_train]], targets[order[:n_train]])
-        self.val_set = TensorDataset(inputs[order[n_train:]], targets[order[n_train:]])
 
     def train_dataloader(self) -> DataLoader:
         if not self.hparams["paper_order"]:
