@@ -50,7 +50,16 @@ Every argument not listed above is passed to the fit config as an override (--tr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lightning-grokfast tune`` (unknown arguments are fit overrides)."""
+    """The argument parser of ``lightning-grokfast tune`` (unknown arguments are fit overrides).
+
+    Returns:
+        The parser; ``parse_known_args`` leaves the fit overrides (``--trainer.*``, ``--data.*``, ...) over.
+
+    Example::
+
+        args, overrides = build_parser().parse_known_args(["--config", "ma.yaml", "--trainer.max_steps", "300"])
+
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-grokfast tune",
         description=(
@@ -173,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``lightning-grokfast tune`` (``argv``: the arguments after ``tune``; default ``sys.argv[2:]``).
+    """Run ``lightning-grokfast tune``.
+
+    Args:
+        argv: the arguments after ``tune`` (default ``sys.argv[2:]``).
 
     Raises:
         SystemExit: With status 2 on bad arguments, 130 after Ctrl-C (the trial then running is recorded as failed).

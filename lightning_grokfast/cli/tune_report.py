@@ -28,8 +28,18 @@ def _setup(study: optuna.Study) -> dict[str, Any]:
 
 
 def outcome_text(trial: optuna.trial.FrozenTrial) -> str:
-    """One trial's result in words: ``910 steps``, ``not reached by 3,000 (value 4,650)``, ``pruned at step 700``,
-    ``FAILED: ValueError: ...``; with several seeds, the steps of each.
+    """One trial's result in words; with several seeds, the steps of each.
+
+    Args:
+        trial: a trial of a tune study.
+
+    Returns:
+        ``910 steps``, ``not reached by 3,000 (value 4,650)``, ``pruned at step 700``, ``FAILED: ValueError: ...``.
+
+    Example::
+
+        print(outcome_text(study.best_trial))  # "850 steps (seeds 0: 850, 1: 1,100, 2: 850)"
+
     """
     from optuna.trial import TrialState
 
@@ -54,7 +64,20 @@ def _steps(steps: int | None, cap: int | None) -> str:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial of ``study`` as ``{trial, state, settings, result, seconds}``, in trial order."""
+    """Every trial of a study, in trial order.
+
+    Args:
+        study: a tune study.
+
+    Returns:
+        One ``{trial, state, settings, result, seconds, value}`` dict per trial.
+
+    Example::
+
+        for row in trial_rows(study):
+            print(row["trial"], row["settings"], row["result"])
+
+    """
     space = SearchSpace(_setup(study)["search_space"])
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -80,8 +103,16 @@ def report(study: optuna.Study, directory: Path) -> Path:
     importances, from two finished trials on), ``curves.png`` (the distance to the target reported at every
     validation: the pruners' view). The table is also written as ``trials.md``.
 
+    Args:
+        study: a tune study.
+        directory: where the table and the figures go (created if missing).
+
     Returns:
         ``directory``.
+
+    Example::
+
+        report(optuna.load_study(study_name="parity", storage="sqlite:///grokfast_tune.db"), Path("tune_report"))
 
     """
     rows = trial_rows(study)
@@ -112,11 +143,19 @@ def export(study: optuna.Study, path: Path) -> Path:
     The config is the study's fit config (with its overrides) plus the best trial's settings, seeded with the
     study's first seed; a comment at the top says where it comes from.
 
+    Args:
+        study: a tune study.
+        path: the YAML file to write.
+
     Returns:
         ``path``.
 
     Raises:
         SystemExit: If the study has no finished trial.
+
+    Example::
+
+        export(study, Path("best.yaml"))  # then: lightning-grokfast fit --config best.yaml
 
     """
     setup = _setup(study)

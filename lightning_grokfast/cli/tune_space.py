@@ -89,6 +89,12 @@ class SearchSpace:
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         """The search space in a YAML file (``--search-space FILE.yaml``).
 
+        Args:
+            path: the YAML file.
+
+        Returns:
+            The search space.
+
         Raises:
             ValueError: If the file does not hold a valid search space.
 
@@ -96,7 +102,11 @@ class SearchSpace:
         return cls(yaml.safe_load(Path(path).read_text()))
 
     def to_dict(self) -> dict[str, Any]:
-        """The space as plain data (stored with the study, so every worker and ``--export`` see the same one)."""
+        """The space as plain data (stored with the study, so every worker and ``--export`` see the same one).
+
+        Returns:
+            A deep copy of the specification.
+        """
         return copy.deepcopy(self.spec)
 
     @property
@@ -105,11 +115,22 @@ class SearchSpace:
         return all(not isinstance(entry, dict) for entry in self.spec.values())
 
     def grid(self) -> dict[str, list[Any]]:
-        """``{name: choices}`` of the sampled names, for Optuna's ``GridSampler``."""
+        """The sampled names and their choices, for Optuna's ``GridSampler``.
+
+        Returns:
+            ``{name: choices}``.
+        """
         return {name: entry for name, entry in self.spec.items() if isinstance(entry, list)}
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Draw one trial's settings: ``{name: value}`` for every name that applies to the drawn filter."""
+        """Draw one trial's settings.
+
+        Args:
+            trial: the Optuna trial that draws them.
+
+        Returns:
+            ``{name: value}`` for every name that applies to the drawn filter.
+        """
         settings: dict[str, Any] = {}
         filter_entry = self.spec.get("filter", "ema")
         settings["filter"] = _suggest(trial, "filter", filter_entry)
@@ -119,7 +140,14 @@ class SearchSpace:
         return settings
 
     def settings_of(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """A finished trial's settings: its sampled ``params`` plus the fixed values of the space."""
+        """A finished trial's settings.
+
+        Args:
+            params: the trial's sampled parameters.
+
+        Returns:
+            Its sampled ``params`` plus the fixed values of the space, for the names its filter uses.
+        """
         settings = {"filter": params.get("filter", self.spec.get("filter", "ema"))}
         for name, entry in self.spec.items():
             if name == "filter" or not self.applies(name, settings["filter"]):
@@ -129,7 +157,15 @@ class SearchSpace:
 
     @staticmethod
     def applies(name: str, filter: str) -> bool:
-        """Whether ``name`` is used with ``filter`` (dotted config paths always are)."""
+        """Whether a setting is used with a filter.
+
+        Args:
+            name: a setting (``alpha``, ``window_size``, ...) or a dotted config path (always used).
+            filter: ``"none"``, ``"ema"``, ``"ma"`` or ``"ema+ma"``.
+
+        Returns:
+            ``True`` when ``filter`` reads ``name``.
+        """
         if "." in name:
             return True
         return filter != "none" and filter in _CONDITIONS.get(name, FILTERS)

@@ -53,6 +53,11 @@ class TrialSpec:
         target: the value the metric must reach (``>=`` for max, ``<=`` for min).
         seeds: one fit per seed (``seed_everything`` and the datamodule's ``seed``); the objective is the median.
 
+    Example::
+
+        spec = TrialSpec(monitor="val_loss", mode="min", target=0.05, seeds=(0, 1, 2))
+        spec.reached(0.04)  # True
+
     """
 
     monitor: str = "val_acc"
@@ -61,11 +66,25 @@ class TrialSpec:
     seeds: tuple[int, ...] = (0,)
 
     def reached(self, value: float) -> bool:
-        """Whether ``value`` reaches the target."""
+        """Whether a value of the metric reaches the target.
+
+        Args:
+            value: a validation value of ``monitor``.
+
+        Returns:
+            ``value >= target`` in mode ``"max"``, ``value <= target`` in mode ``"min"``.
+        """
         return value >= self.target if self.mode == "max" else value <= self.target
 
     def distance(self, value: float) -> float:
-        """How far ``value`` is from the target, lower is better, ``<= 0`` once reached (the pruners' value)."""
+        """How far a value is from the target (the value reported to the pruners).
+
+        Args:
+            value: a validation value of ``monitor``.
+
+        Returns:
+            The distance, lower is better, ``<= 0`` once reached.
+        """
         return self.target - value if self.mode == "max" else value - self.target
 
 
@@ -81,6 +100,10 @@ def not_reached_value(spec: TrialSpec, best: float, cap: int) -> float:
         ``cap * (1 + shortfall)``, ``shortfall = |target - best| / max(|target|, |best|)`` clipped to ``[0, 1]``
         (``1`` when ``best`` is not a finite number).
 
+    Example::
+
+        not_reached_value(TrialSpec(target=0.95), best=0.5, cap=1000)  # 1473.7: behind every run that reached it
+
     """
     if not math.isfinite(best):
         return 2.0 * cap
@@ -91,7 +114,22 @@ def not_reached_value(spec: TrialSpec, best: float, cap: int) -> float:
 
 @dataclass
 class SeedOutcome:
-    """One seed's fit: first step at the target (``None``: not reached), its step budget, best value, curve."""
+    """One seed's fit: first step at the target (``None``: not reached), its step budget, best value, curve.
+
+    Args:
+        seed: the seed.
+        steps: the first optimizer step at which the target was reached (``None``: not reached).
+        cap: the step budget.
+        best: the best validation value seen.
+        steps_run: the optimizer steps run.
+        seconds: training time.
+        curve: ``(step, value)`` at each validation.
+
+    Example::
+
+        SeedOutcome(seed=0, steps=None, cap=1000, best=0.5, steps_run=1000, seconds=12.0).value(TrialSpec())
+
+    """
 
     seed: int
     steps: int | None
@@ -102,7 +140,14 @@ class SeedOutcome:
     curve: list[tuple[int, float]] = field(default_factory=list)
 
     def value(self, spec: TrialSpec) -> float:
-        """This seed's objective value: ``steps``, or :func:`not_reached_value`."""
+        """This seed's objective value.
+
+        Args:
+            spec: the study's target and mode.
+
+        Returns:
+            ``steps``, or :func:`not_reached_value` when the target was not reached.
+        """
         return float(self.steps) if self.steps is not None else not_reached_value(spec, self.best, self.cap)
 
 
@@ -126,6 +171,10 @@ class TargetCallback(Callback):
 
     Raises:
         RuntimeError: (after the fit, from :func:`run_seed`) if the metric is missing or not finite.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[TargetCallback(TrialSpec(monitor="val_acc", target=0.95))])
 
     """
 
@@ -191,6 +240,11 @@ def run_seed(config: dict[str, Any], spec: TrialSpec, seed: int, trial: optuna.T
         optuna.TrialPruned: If the trial's pruner stopped the run.
         KeyboardInterrupt: If the run was interrupted (Ctrl-C); the trial is then recorded as failed.
         RuntimeError: If the monitored metric is missing or not finite.
+
+    Example::
+
+        outcome = run_seed(fit_config, TrialSpec(target=0.9), seed=0, trial=None)
+        outcome.steps  # first step at 90 % validation accuracy, or None
 
     """
     import optuna
