@@ -110,16 +110,12 @@ class GrokfastCallback(TunableSettings, Callback):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        rule: dict[str, Any] = {}
-        if speedup is not None:
-            if alpha != 0.98 or window_size != 100:
-                raise ValueError("Pass either `speedup` or `alpha`/`window_size`: `speedup` sets them by the rule.")
-            rule = FilterConfig.speedup_settings(speedup, filter)
-        self.config = FilterConfig(
-            filter=filter,
-            alpha=rule.get("alpha", alpha),
+        self.config = FilterConfig.from_arguments(
+            filter,
+            speedup=speedup,
+            alpha=alpha,
             lamb=lamb,
-            window_size=rule.get("window_size", window_size),
+            window_size=window_size,
             ma_lamb=ma_lamb,
             warmup=warmup,
             filter_type=filter_type,

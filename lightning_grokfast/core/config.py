@@ -212,6 +212,35 @@ class FilterConfig:
         """
         return cls(**{**kwargs, **cls.speedup_settings(speedup, filter)})
 
+    @classmethod
+    def from_arguments(cls, filter: str = "ema", *, speedup: float | None = None, **fields: Any) -> FilterConfig:
+        """The config of an entry point's arguments, ``speedup`` (when given) setting ``alpha``/``window_size``.
+
+        Args:
+            filter: ``"ema"``, ``"ma"``, ``"ema+ma"`` or ``"none"``.
+            speedup: the authors' rule of thumb for a target acceleration ``N`` (see :meth:`speedup_settings`), or
+                ``None``.
+            **fields: the other fields, as the entry point received them.
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: If ``speedup`` comes with a non-default ``alpha`` or ``window_size``, or an argument is out of
+                its range.
+
+        Example::
+
+            FilterConfig.from_arguments("ma", speedup=50, lamb=5.0).window_size  # 50
+
+        """
+        if speedup is None:
+            return cls(filter=filter, **fields)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if any(fields.get(name, defaults[name]) != defaults[name] for name in ("alpha", "window_size")):
+            raise ValueError("Pass either `speedup` or `alpha`/`window_size`: `speedup` sets them by the rule.")
+        return cls(**{**fields, **cls.speedup_settings(speedup, filter)})
+
 
 def _check_optional(check: Any, name: str) -> Any:
     return lambda value: None if value is None else check(value, name)

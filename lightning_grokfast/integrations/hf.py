@@ -64,6 +64,7 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
         start_step: first optimizer step (from 0) at which the slow part is added.
         speedup: set ``alpha``/``window_size`` by the authors' rule for a target acceleration (see
             :meth:`from_speedup`).
+        compile: fuse each tensor's EMA or MA step into one ``torch.compile`` kernel.
 
     Raises:
         ValueError: If an argument is out of its range (at construction).
@@ -105,17 +106,14 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
         lamb_scale: dict[str, float] | None = None,
         start_step: int = 0,
         speedup: float | None = None,
+        compile: bool = False,
     ) -> None:
-        rule: dict[str, Any] = {}
-        if speedup is not None:
-            if alpha != 0.98 or window_size != 100:
-                raise ValueError("Pass either `speedup` or `alpha`/`window_size`: `speedup` sets them by the rule.")
-            rule = FilterConfig.speedup_settings(speedup, filter)
-        self.config = FilterConfig(
+        self.config = FilterConfig.from_arguments(
             filter,
-            alpha=rule.get("alpha", alpha),
+            speedup=speedup,
+            alpha=alpha,
             lamb=lamb,
-            window_size=rule.get("window_size", window_size),
+            window_size=window_size,
             ma_lamb=ma_lamb,
             warmup=warmup,
             filter_type=filter_type,
@@ -125,6 +123,7 @@ class GrokfastTrainerCallback(transformers.TrainerCallback, TunableSettings):  #
             check_finite=check_finite,
             orthogonal=orthogonal,
             max_amplified_ratio=max_amplified_ratio,
+            compile=compile,
         )
         as_pattern_list(exclude, "exclude")  # validated now, not at the first step
         as_pattern_factors(lamb_scale, "lamb_scale")
