@@ -271,3 +271,10 @@ def test_resuming_with_another_filter_kind_is_a_clear_error(tmp_path):
     resumed = make_trainer(tmp_path / "b", GrokfastTrainerCallback(filter="ma", window_size=3))
     with pytest.raises(ValueError, match="was made by filter='ema'; this filter is 'ma'"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+
+
+def test_the_callback_is_importable_from_its_short_paths():
+    import lightning_grokfast
+    from lightning_grokfast.hf import GrokfastTrainerCallback as Short
+
+    assert Short is GrokfastTrainerCallback is lightning_grokfast.GrokfastTrainerCallback
