@@ -30,6 +30,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from lightning_grokfast.cli.tune_pruning import StepPatientPruner
+
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,9 +48,12 @@ def pruners(cap: int) -> dict[str, optuna.pruners.BasePruner]:
     return {
         "median, no warm-up": median(n_startup_trials=5, n_warmup_steps=0),
         "median, warm-up cap/4": median(n_startup_trials=5, n_warmup_steps=cap // 4),
-        "patient(10) + median, no warm-up": patient(median(5, 0), patience=10),
-        "patient(10) + median, warm-up cap/4 (tune's default)": patient(median(5, cap // 4), patience=10),
-        "patient(20) + median, warm-up cap/4": patient(median(5, cap // 4), patience=20),
+        "patient(10 validations) + median, no warm-up": patient(median(5, 0), patience=10),
+        "patient(10 validations) + median, warm-up cap/4": patient(median(5, cap // 4), patience=10),
+        "patient(20 validations) + median, warm-up cap/4": patient(median(5, cap // 4), patience=20),
+        "patient(cap/4 steps) + median, warm-up cap/4 (tune's default)": StepPatientPruner(
+            median(5, cap // 4), patience=cap // 4
+        ),
     }
 
 

@@ -1,10 +1,12 @@
 """Wall-clock time of one ``lightning-grokfast tune`` study run by 1 worker and by 2 workers on one SQLite file.
 
-Every trial costs the same (the search space is one fixed setting and the target cannot be reached, so each trial
-trains exactly ``--steps`` steps), so the comparison measures the workers, not the sampler's luck. One worker runs
+Every trial costs the same (the search space is one filter with ``lamb`` drawn from a narrow range and the target
+cannot be reached, so each trial trains exactly ``--steps`` steps), so the comparison measures the workers, not the
+sampler's luck. The settings differ from trial to trial on purpose: ``tune`` does not train a setting it has already
+finished again, so a fixed setting would time one training and many look-ups. One worker runs
 ``--trials`` trials; then two workers, started together on a new storage file, run ``--trials / 2`` each.
 
-    python benchmarks/grokking_tune_workers.py --trials 8 --steps 500    # writes results/grokking_tune_workers.md
+    python benchmarks/grokking_tune_workers.py --trials 8 --steps 1000    # writes results/grokking_tune_workers.md
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ CONFIG = ROOT / "lightning_grokfast" / "configs" / "digits_baseline.yaml"
 def run_workers(workers: int, trials_each: int, steps: int, folder: Path) -> float:
     """Seconds from starting ``workers`` tune processes on a fresh storage to the last one's end."""
     space = folder / "space.yaml"
-    space.write_text("filter: ma\nwindow_size: [73]\nlamb: [2.16]\n")
+    space.write_text("filter: ma\nwindow_size: [73]\nlamb: {low: 2.0, high: 2.3}\n")
     storage = f"sqlite:///{folder / f'workers{workers}.db'}"
     command = [sys.executable, "-c", "from lightning_grokfast.cli import main; main()", "tune", "--config", str(CONFIG)]
     command += ["--storage", storage, "--n-trials", str(trials_each), "--search-space", str(space)]
-    command += ["--target", "1.01", "--pruner", "none", f"--trainer.max_steps={steps}"]
+    command += ["--target", "1.01", "--pruner", "none", "--sampler", "random", f"--trainer.max_steps={steps}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) for _ in range(workers)]
+    processes = [
+        subprocess.Popen([*command, "--sampler-seed", str(worker)], env=env, stdout=subprocess.DEVNULL)
+        for worker in range(workers)
+    ]
     if any(p.wait() != 0 for p in processes):
         raise SystemExit(f"a worker failed: {' '.join(command)}")
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name="digits_baseline", storage=storage)
     assert len(study.trials) == workers * trials_each
+    settings = {trial.params["lamb"] for trial in study.trials}
+    assert len(settings) == len(study.trials), "two trials drew the same setting: one of them was not trained"
     return seconds
 
 
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     """Time 1 worker x N trials and 2 workers x N/2 trials; print and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8, help="trials of the study (default 8)")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps of every trial (default 500)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of every trial (default 1000)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]

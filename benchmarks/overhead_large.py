@@ -113,16 +113,20 @@ def ours_filter(
     return filt, lambda: filt.step(names, bench.grads(), found_inf=verdict)
 
 
-_FLOOR_STATE: dict[int, list[Tensor]] = {}
+def ema_floor(bench: GradBench) -> Callable[[], None]:
+    """The EMA's maths alone, as two foreach calls and nothing else (no check, no grouping): its foreach floor.
 
+    The state is made once, here: the published algorithm rebinds ``p.grad`` to a new tensor at every call, so
+    nothing may be keyed by the gradient objects (a state made again at each call would time an allocation).
+    """
+    state = [g.clone() for g in bench.grads()]
 
-def ema_floor(grads: list[Tensor]) -> None:
-    """The EMA's maths alone, as two foreach calls and nothing else (no check, no grouping): its foreach floor."""
-    state = _FLOOR_STATE.get(id(grads[0]))
-    if state is None:
-        state = _FLOOR_STATE[id(grads[0])] = [g.clone() for g in grads]
-    torch._foreach_lerp_(state, grads, 0.02)
-    torch._foreach_add_(grads, state, alpha=2.0)
+    def step() -> None:
+        grads = bench.grads()
+        torch._foreach_lerp_(state, grads, 0.02)
+        torch._foreach_add_(grads, state, alpha=2.0)
+
+    return step
 
 
 def reference_filter(bench: GradBench, spec: FilterSpec) -> tuple[dict[str, Any], Callable[[], Any]]:
@@ -158,7 +162,7 @@ def run_large_section(settings: Settings) -> dict[str, Any]:
         "filter/ours EMA bf16 state (check)": ours_bf16_step,
         "filter/reference EMA": ref_step,
         "filter/foreach_norm pass": norm_pass,
-        "filter/floor: lerp_ + add_ (2 foreach calls)": lambda: ema_floor(bench.grads()),
+        "filter/floor: lerp_ + add_ (2 foreach calls)": ema_floor(bench),
         "optimizer/AdamW": adamw.step,
         "optimizer/ours EMA (check) + AdamW": lambda: (ours_step(), adamw.step()),
         "optimizer/ours EMA (found_inf) + AdamW": lambda: (ours_amp_step(), adamw.step()),

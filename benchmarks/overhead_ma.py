@@ -16,20 +16,27 @@ from lightning_grokfast import GradientFilter
 
 # ---------------------------------------------------------------------------------------------------- (b) ma
 def run_ma_section(settings: Settings) -> dict[str, Any]:
-    """MA window 100 alone / ``foreach_copy_`` on as many parameters as its float32 window fits in the budget.
+    """MA alone / ``foreach_copy_`` on ``--params`` parameters, with the largest window up to 100 that fits.
 
-    Variants, interleaved over ``6 * --large-rounds`` rounds: ours with the finiteness check (default), with a
-    bfloat16 window, with ``compile=True``,
-    and the floor as foreach calls (sub, copy, add, add over a ring of slots: the running-sum update and the
-    amplification, nothing else). The found_inf (AMP) variant is in the ``window`` section.
+    A step touches one slot of the window whatever its size, so the cost is the same for any window far beyond the
+    cache: ``--params`` (50M) parameters get the largest window up to the paper's 100 whose float32 copies fit in
+    ``--ma-memory-gb`` (7 to 10 in 6 GB), as long as that is at least 4 slots; otherwise (a small budget) window
+    100 on as many parameters as fit. Variants, interleaved over ``6 * --large-rounds`` rounds: ours with the
+    finiteness check (default), with a bfloat16 window, with ``compile=True``, and the floor as foreach calls (sub,
+    copy, add, add over a ring of slots: the running-sum update and the amplification, nothing else). The
+    found_inf (AMP) variant is in the ``window`` section.
     """
     device = settings.device
     small = settings.windows[0]
     copies = 3.6 if settings.compile else 2.6  # float32 windows held at once (the bfloat16 one counts half)
-    numel = min(settings.params, int(settings.ma_memory_gb * 1e9 / (4 * (small + 1)) / copies))
+    fits = int(settings.ma_memory_gb * 1e9 / (4 * settings.params) / copies) - 1  # slots beside the sum
+    if fits >= 4:
+        small, numel = min(small, fits), settings.params
+    else:
+        numel = min(settings.params, int(settings.ma_memory_gb * 1e9 / (4 * (small + 1)) / copies))
     bench = GradBench(FlatModel(numel, device), device)
     numel = bench.numel
-    spec = filter_specs(settings.windows)[1]
+    spec = filter_specs((small, settings.windows[1]))[1]
     print(f"[overhead] ma: {numel / 1e6:.2f}M parameters, window {small}")
     ours, ours_step = ours_filter(bench, spec, found_inf=False)
     bf16, bf16_step = ours_filter(bench, spec, found_inf=False, state_dtype="bfloat16")

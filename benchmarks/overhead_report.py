@@ -41,6 +41,7 @@ def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
     size = f"{big['params'] / 1e6:.0f}M" if big else "n/a"
     ma = results.get("ma", {})
     ma_size = f"{ma['params'] / 1e6:.1f}M" if ma else "n/a"
+    ma_window = ma.get("window", small)
 
     def ma_copy(name: str) -> str:
         return copy_spread(ma["filters"][name]) if ma and name in ma["filters"] else "n/a"
@@ -66,8 +67,8 @@ def headline_table(results: dict[str, Any], settings: Settings) -> list[str]:
         f"| EMA floor (`lerp_` + `add_` only) / `foreach_copy_`, {size} params | | |"
         f" {copy('floor: lerp_ + add_ (2 foreach calls)')}"
         f"; compile=True {copy('ours EMA compile=True (check)')} | | |",
-        f"| MA w{small} filter alone / `foreach_copy_`, {ma_size} params | | |"
-        f" {ma_copy(f'ours MA w{small} (check)')} check;"
+        f"| MA w{ma_window} filter alone / `foreach_copy_`, {ma_size} params | | |"
+        f" {ma_copy(f'ours MA w{ma_window} (check)')} check;"
         f" floor (4 foreach calls) {ma_copy('floor: sub_, copy_, add_, add_ (4 foreach calls)')} | no MA | no MA |",
         f"| optimizer step with EMA / torch AdamW, {size} params | | {opt('reference EMA + AdamW')} (+ AdamW)"
         f" | {opt_ours} (+ AdamW) | {gfa_opt} | {opt('GrokAdamW')} |",

@@ -122,3 +122,18 @@ def test_dropin_script_runs_in_smoke_mode(tmp_path: Path) -> None:
     assert [row["filter"] for row in report["rows"]] == ["EMA", "MA, window 4"]
     assert all(row["ours_s"] > 0 and row["published_s"] > 0 for row in report["rows"])
     assert "| model | filter |" in result.stdout
+
+
+def test_overhead_tiles_sweeps_every_block_against_the_untiled_step(tmp_path: Path) -> None:
+    script = str(BENCHMARKS / "overhead_tiles.py")
+    result = subprocess.run(
+        [sys.executable, script, "--params", "300000", "--rounds", "1", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "overhead_tiles.json").read_text())["rows"]
+    assert len(rows) == 2 * 7 and "ema untiled (2 foreach calls)" in rows and "ma block 256 Ki" in rows
+    assert all(row["ratio"] > 0 and row["min"] <= row["ratio"] <= row["max"] for row in rows.values())
+    assert "| ema block 64 Ki |" in (tmp_path / "overhead_tiles.md").read_text()

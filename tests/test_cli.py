@@ -282,3 +282,11 @@ def test_console_script_fits_from_the_ema_config(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "lightning_logs" / "version_0" / "grokking_accuracy.png").is_file()
+
+
+def test_the_top_level_help_names_the_tune_subcommand(capsys: pytest.CaptureFixture) -> None:
+    from lightning_grokfast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "lightning-grokfast tune" in " ".join(capsys.readouterr().out.split())

@@ -34,6 +34,7 @@ MODULES = [
     "lightning_grokfast.core.config",
     "lightning_grokfast.core.validation",
     "lightning_grokfast.core.filters",
+    "lightning_grokfast.core.groups",
     "lightning_grokfast.core.optim_state",
     "lightning_grokfast.core.sharding",
     "lightning_grokfast.core.amp",

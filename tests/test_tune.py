@@ -193,6 +193,21 @@ def test_a_pruned_trial_is_recorded_pruned(storage: str, tmp_path: Path) -> None
     assert second.state == TrialState.PRUNED and second.last_step == 10
 
 
+def test_a_trial_repeating_pruned_settings_is_pruned_at_the_same_step_without_training(
+    storage: str, tmp_path: Path
+) -> None:
+    space = space_file(tmp_path, {"filter": "none", "model.init_args.lr": [0.01, 1.0e-6]})
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    for lr in (0.01, 1.0e-6, 1.0e-6):
+        study.enqueue_trial({"model.init_args.lr": lr})
+    prune = ["--pruner", "median", "--prune-startup-trials", "1", "--prune-warmup-steps", "10"]
+    main(tune_args(storage, "--n-trials", "3", "--search-space", space, *prune))
+    _, second, third = load(storage).trials
+    assert second.state == third.state == TrialState.PRUNED
+    assert third.user_attrs["repeats_trial"] == 1 and "seconds" not in third.user_attrs
+    assert third.intermediate_values == second.intermediate_values and third.last_step == second.last_step == 10
+
+
 def test_the_patient_pruner_spares_a_run_that_is_still_improving(storage: str, tmp_path: Path) -> None:
     space = space_file(tmp_path, {"filter": "none", "model.init_args.lr": [0.01, 0.003]})
     for pruner, expected in (("median", TrialState.PRUNED), ("patient", TrialState.COMPLETE)):
@@ -201,8 +216,31 @@ def test_the_patient_pruner_spares_a_run_that_is_still_improving(storage: str, t
         study.enqueue_trial({"model.init_args.lr": 0.01})
         study.enqueue_trial({"model.init_args.lr": 0.003})  # behind the first, but better at every validation
         prune = ["--pruner", pruner, "--prune-startup-trials", "1", "--prune-warmup-steps", "10"]
-        main(tune_args(storage, "--n-trials", "2", "--search-space", space, "--prune-patience", "2", *prune, name=name))
+        prune += ["--prune-patience", "10"]
+        main(tune_args(storage, "--n-trials", "2", "--search-space", space, *prune, name=name))
         assert load(storage, name).trials[1].state == expected, pruner
+
+
+@pytest.mark.parametrize("every", [10, 100])
+def test_the_patience_counts_optimizer_steps_whatever_the_validation_interval(every: int) -> None:
+    from lightning_grokfast.cli.tune_pruning import StepPatientPruner
+
+    study = optuna.create_study(pruner=StepPatientPruner(optuna.pruners.MedianPruner(0, 0), patience=1000))
+    study.add_trial(optuna.trial.create_trial(value=0.0, intermediate_values={s: 0.0 for s in range(0, 4001, 10)}))
+    trial = study.ask()
+    decisions = {}
+    for step in range(every, 4001, every):  # behind the median at every step; improves until step 1,500
+        trial.report(0.9 - 0.1 * (min(step, 1500) / 1500), step)
+        decisions[step] = trial.should_prune()
+    assert not any(pruned for step, pruned in decisions.items() if step < 2500)  # it improved within 1,000 steps
+    assert decisions[2500] and decisions[4000]
+
+
+def test_the_patience_is_checked() -> None:
+    from lightning_grokfast.cli.tune_pruning import StepPatientPruner
+
+    with pytest.raises(ValueError, match="patience"):
+        StepPatientPruner(optuna.pruners.MedianPruner(), patience=-1)
 
 
 def test_a_finished_run_stays_at_the_target_for_the_pruner(storage: str, tmp_path: Path) -> None:

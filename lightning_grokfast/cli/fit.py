@@ -291,7 +291,9 @@ def main(args: ArgsType = None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "Train the built-in grokking task with Grokfast (arXiv 2405.20233). `--config NAME` runs"
-            " a config shipped in the package (`lightning-grokfast configs` lists them)."
+            " a config shipped in the package (`lightning-grokfast configs` lists them). `lightning-grokfast tune"
+            " --config CONFIG.yaml` searches the Grokfast settings that reach a target in the fewest steps, on"
+            " Optuna (`lightning-grokfast tune --help`; needs the [tune] extra)."
         },
         args=args,
     )

@@ -27,6 +27,7 @@ from lightning_grokfast.cli.tune_trial import ARGS_AND_ARGV, TrialSpec, median_v
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
 __all__ = ["DEFAULT_STORAGE", "build_parser", "main"]
 
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("patient", "median", "hyperband", "none"),
         default="patient",
         help="patient (default): prune a run whose metric is behind the median of the finished trials at the same"
-        " step AND has not improved for --prune-patience validations; median: the median rule alone;"
+        " step AND has not improved for --prune-patience optimizer steps; median: the median rule alone;"
         " hyperband: Optuna's HyperbandPruner; none: never prune",
     )
     search.add_argument(
@@ -142,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--prune-patience",
         type=int,
-        default=10,
-        help="validations without a new best value before the patient pruner may prune (default 10)",
+        help="optimizer steps without a new best value before the patient pruner may prune (default: a quarter of"
+        " trainer.max_steps, as the warm-up; counted in steps, so it does not depend on how often the config"
+        " validates)",
     )
     search.add_argument(
         "--prune-startup-trials", type=int, default=5, help="finished trials before any pruning (default 5)"
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     if not math.isfinite(args.target):
         parser.error(f"--target must be a finite number, got {args.target}")
     for name in ("n_trials", "prune_patience", "prune_startup_trials", "heartbeat_interval", "max_retry"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     try:
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.export is not None:
             tune_report.export(study, Path(args.export))
         return
+
+    from lightning_grokfast.cli.tune_pruning import make_pruner
 
     setup = _study_setup(args, overrides, parser, argv)
     if not setup:  # a worker joining with the stored config
@@ -282,22 +286,21 @@ def run_trial(trial: optuna.Trial, fit_config: dict[str, Any], space: SearchSpac
     """One trial: draw the settings, fit every seed, record them, return the median value.
 
     The first seed's validation curve is reported to the pruner (the later seeds run only if it is not pruned).
-    Settings that repeat a finished trial's (``filter: none`` has nothing else to draw) take its value without
-    training again.
+    Settings that repeat an ended trial's (``filter: none`` has nothing else to draw) end as it ended without
+    training again: with its value, or pruned at the same step (the fits are seeded, so the curve would be the same;
+    the pruner is not asked again).
     Per-seed steps, the step budget and any error are stored as the trial's user attributes.
     """
-    import optuna
+    from optuna.trial import TrialState
 
     settings = space.sample(trial)
-    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    for previous in finished:  # the fits are seeded: the same settings give the same runs
-        if previous.params == trial.params and previous.value is not None:
-            for key in ("steps_to_target", "best_value", "cap"):
-                trial.set_user_attr(key, previous.user_attrs.get(key))
-            trial.set_user_attr("repeats_trial", previous.number)
-            return previous.value
+    ended = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    for previous in ended:  # the fits are seeded: the same settings give the same runs
+        if previous.params == trial.params:
+            return _repeat(trial, previous)
     config = apply_settings(fit_config, settings)
     outcomes = []
+    started = time.perf_counter()
     try:
         for index, seed in enumerate(spec.seeds):
             outcomes.append(run_seed(config, spec, seed, trial if index == 0 else None))
@@ -311,8 +314,24 @@ def run_trial(trial: optuna.Trial, fit_config: dict[str, Any], space: SearchSpac
         trial.set_user_attr("steps_to_target", {str(o.seed): o.steps for o in outcomes})
         trial.set_user_attr("best_value", {str(o.seed): o.best for o in outcomes})
         trial.set_user_attr("cap", max((o.cap for o in outcomes), default=None))
-        trial.set_user_attr("seconds", sum(o.seconds for o in outcomes))
+        trial.set_user_attr("seconds", time.perf_counter() - started)  # a pruned seed's time included
     return median_value(outcomes, spec)
+
+
+def _repeat(trial: optuna.Trial, previous: FrozenTrial) -> float:
+    """End ``trial`` as ``previous`` ended (same settings, seeded fits): its value, or pruned at the same step."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("repeats_trial", previous.number)
+    if previous.state == TrialState.PRUNED:
+        for step, value in sorted(previous.intermediate_values.items()):
+            trial.report(value, step)  # the same curve, so the report shows where it was cut
+        raise optuna.TrialPruned(f"as trial {previous.number} (same settings, not trained again)")
+    for key in ("steps_to_target", "best_value", "cap"):
+        trial.set_user_attr(key, previous.user_attrs.get(key))
+    assert previous.value is not None  # a COMPLETE trial has its value
+    return previous.value
 
 
 def open_storage(args: argparse.Namespace) -> optuna.storages.RDBStorage:
@@ -358,24 +377,6 @@ def make_sampler(args: argparse.Namespace, space: SearchSpace) -> optuna.sampler
     if args.sampler == "random":
         return optuna.samplers.RandomSampler(seed=args.sampler_seed)
     return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=args.sampler_seed)
-
-
-def make_pruner(args: argparse.Namespace, fit_config: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """The ``--pruner``; its warm-up defaults to a quarter of the config's ``trainer.max_steps``."""
-    import optuna
-
-    if args.pruner == "none":
-        return optuna.pruners.NopPruner()
-    max_steps = int((fit_config.get("trainer") or {}).get("max_steps") or -1)
-    warmup = args.prune_warmup_steps
-    if warmup is None:
-        warmup = max_steps // 4 if max_steps > 0 else 0
-    if args.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(warmup, 1), max_resource=max(max_steps, warmup + 1))
-    median = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup_trials, n_warmup_steps=warmup)
-    if args.pruner == "median":
-        return median
-    return optuna.pruners.PatientPruner(median, patience=args.prune_patience)
 
 
 def resolve_fit_config(configs: list[str], overrides: list[str]) -> dict[str, Any]:

@@ -43,8 +43,10 @@ def outcome_text(trial: optuna.trial.FrozenTrial) -> str:
     """
     from optuna.trial import TrialState
 
+    repeats = trial.user_attrs.get("repeats_trial")
+    again = "" if repeats is None else f", as trial {repeats} (same settings, not trained again)"
     if trial.state == TrialState.PRUNED:
-        return f"pruned at step {trial.last_step:,}" if trial.last_step is not None else "pruned"
+        return (f"pruned at step {trial.last_step:,}" if trial.last_step is not None else "pruned") + again
     if trial.state == TrialState.FAIL:
         return f"FAILED: {trial.user_attrs.get('error', 'no error recorded (worker died or was interrupted)')}"
     if trial.state != TrialState.COMPLETE or trial.value is None:
@@ -55,8 +57,7 @@ def outcome_text(trial: optuna.trial.FrozenTrial) -> str:
     reached = trial.value <= (cap or math.inf)
     head = f"{trial.value:,.0f} steps" if reached else f"not reached by {cap:,} (value {trial.value:,.0f})"
     head = f"{head} (seeds {per_seed})" if len(steps) > 1 else head
-    repeats = trial.user_attrs.get("repeats_trial")
-    return head if repeats is None else f"{head}, as trial {repeats} (same settings, not trained again)"
+    return head + again
 
 
 def _steps(steps: int | None, cap: int | None) -> str:

@@ -17,16 +17,16 @@ does not advance, nothing is added.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_grokfast.core import ops
+from lightning_grokfast.core import groups, ops
 from lightning_grokfast.core.config import FILTER_NAMES, MA_AGGREGATIONS, FilterConfig, TunableSettings
+from lightning_grokfast.core.groups import Group, Term
 from lightning_grokfast.core.state import ParamState, StepInfo
 from lightning_grokfast.core.validation import check_lamb
 
@@ -36,41 +36,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_FORMAT = 2
 #: Momentum of the raw gradient's running norm that the divergence guard compares against.
 GUARD_NORM_MOMENTUM = 0.99
-
-
-class _Term(NamedTuple):
-    """A slow term added to the gradients: ``lamb * unit * tensors`` (``unit`` is 1/count for an MA mean)."""
-
-    tensors: list[Tensor]
-    lamb: float
-    unit: float
-    added: bool = False  # already added to the gradients (the fused EMA step of ``compile=True``)
-
-    @property
-    def coef(self) -> float:
-        return self.lamb * self.unit
-
-
-@dataclasses.dataclass
-class _Group:
-    """Gradients of one device, dtype, lamb scale and window position, with their states in the same order."""
-
-    grad_dtype: torch.dtype
-    state_dtype: torch.dtype
-    lamb_scale: float
-    positions: list[int]
-    states: list[ParamState]
-    ema: list[Tensor] = dataclasses.field(default_factory=list)
-    ma_sum: list[Tensor] = dataclasses.field(default_factory=list)
-    windows: list[Tensor] = dataclasses.field(default_factory=list)
-    slots: dict[int, list[Tensor]] = dataclasses.field(default_factory=dict)  # ring slot -> views, built lazily
-    ema_started: bool = False  # every EMA of the group holds a gradient (no per-step scan of the states)
-
-    def slot(self, index: int) -> list[Tensor]:
-        views = self.slots.get(index)
-        if views is None:
-            views = self.slots[index] = [w[index] for w in self.windows]
-        return views
 
 
 class GradientFilter(TunableSettings):
@@ -106,7 +71,7 @@ class GradientFilter(TunableSettings):
         self._states: dict[str, ParamState] = {}
         self._lamb_scales: dict[str, float] = {}
         self._plan_key: tuple[str, ...] | None = None
-        self._plan: list[_Group] = []
+        self._plan: list[Group] = []
         self._guard_norm: Tensor | None = None
         self._scalars: dict[tuple[float, float, torch.device], tuple[Tensor, Tensor]] = {}
         self.steps = 0
@@ -152,11 +117,11 @@ class GradientFilter(TunableSettings):
             return dtype
         return grad.dtype
 
-    def _plan_for(self, names: tuple[str, ...], grads: Sequence[Tensor]) -> list[_Group]:
+    def _plan_for(self, names: tuple[str, ...], grads: Sequence[Tensor]) -> list[Group]:
         """The groups for this list of names, rebuilt (in O(parameters)) only when the list changes."""
         if names is self._plan_key or names == self._plan_key:
             return self._plan
-        by_key: dict[tuple[Any, ...], _Group] = {}
+        by_key: dict[tuple[Any, ...], Group] = {}
         resum = self.config.resum_interval
         for pos, (name, grad) in enumerate(zip(names, grads)):
             if grad.is_sparse:
@@ -167,7 +132,7 @@ class GradientFilter(TunableSettings):
             key = (grad.device, grad.dtype, scale, window)
             group = by_key.get(key)
             if group is None:
-                group = by_key[key] = _Group(grad.dtype, self._state_dtype_for(grad), scale, [], [])
+                group = by_key[key] = Group(grad.dtype, self._state_dtype_for(grad), scale, [], [])
             group.positions.append(pos)
             group.states.append(state)
         plan = list(by_key.values())
@@ -176,6 +141,7 @@ class GradientFilter(TunableSettings):
             group.ma_sum = [s.ma_sum for s in group.states if s.ma_sum is not None]
             group.windows = [s.ma_history for s in group.states if s.ma_history is not None]
             group.ema_started = all(s.ema_started for s in group.states)
+            group.tiled = groups.is_tiled(group, [grads[p] for p in group.positions])
         self._plan_key, self._plan = names, plan
         return plan
 
@@ -284,9 +250,9 @@ class GradientFilter(TunableSettings):
             for gg, pp in zip(group_grads, group_params):
                 ops.orthogonalize_(gg, pp)
 
-        fuse = amplify and self._fuses_ema()
-        terms = [self._update_state(group, gg, fuse) for group, gg in zip(plan, group_grads)]
-        slow_norm = _slow_norm(terms, device) if compute_norms else None
+        inline = amplify and self._adds_while_updating()
+        terms = [self._update_state(group, gg, inline) for group, gg in zip(plan, group_grads)]
+        slow_norm = groups.slow_norm(terms, device) if compute_norms else None
         guard = self._guard_scale(terms, grad_norm, device) if grad_norm is not None else None
         amplified = False
         if amplify:
@@ -329,28 +295,32 @@ class GradientFilter(TunableSettings):
             return ops.all_finite(raw_sq, device)
         return None
 
-    def _fuses_ema(self) -> bool:
-        """Whether this step runs the EMA update and its amplification as one compiled kernel (``compile=True``)."""
-        config = self.config
-        return (
-            config.compile
-            and config.filter in ("ema", "ma")
-            and not config.normalize
-            and config.max_amplified_ratio is None
-        )
+    def _adds_while_updating(self) -> bool:
+        """Whether the slow term may be added to the gradients as the state is updated (one filter, added as is).
 
-    def _update_state(self, group: _Group, grads: list[Tensor], fuse: bool = False) -> list[_Term]:
+        Then ``compile=True`` runs the update and the addition as one compiled kernel, and a large CPU group runs
+        them block by block (:func:`~lightning_grokfast.core.ops.ema_amplify_tiled_`).
+        """
+        config = self.config
+        return config.filter in ("ema", "ma") and not config.normalize and config.max_amplified_ratio is None
+
+    def _update_state(self, group: Group, grads: list[Tensor], inline: bool = False) -> list[Term]:
         """Advance the group's state with ``grads``; return the slow terms ``(tensors, coefficient)`` to add.
 
-        With ``fuse`` (and an EMA already started) the EMA term is added here, by the compiled fused kernel.
+        With ``inline`` (and an EMA already started, or a full MA window) the term is added here: by the compiled
+        fused kernel with ``compile=True``, else block by block for a large CPU group.
         """
         config = self.config
         lamb_ema, lamb_ma = config.amplifications(group.lamb_scale)
-        terms: list[_Term] = []
-        if config.uses_ema and fuse and group.ema_started and lamb_ema != 0.0:
-            weight, coef = self._fused_scalars(1.0 - config.alpha, lamb_ema, grads[0].device)
-            ops.compiled_ema_amplify()(group.ema, grads, weight, coef)
-            terms.append(_Term(group.ema, lamb_ema, 1.0, added=True))
+        fuse, tile = inline and config.compile, inline and not config.compile and group.tiled
+        terms: list[Term] = []
+        if config.uses_ema and (fuse or tile) and group.ema_started and lamb_ema != 0.0:
+            if fuse:
+                weight, coef = self._fused_scalars(1.0 - config.alpha, lamb_ema, grads[0].device)
+                ops.compiled_ema_amplify()(group.ema, grads, weight, coef)
+            else:
+                ops.ema_amplify_tiled_(group.ema, grads, 1.0 - config.alpha, lamb_ema)
+            terms.append(Term(group.ema, lamb_ema, 1.0, added=True))
         elif config.uses_ema:
             src = grads if group.state_dtype == group.grad_dtype else [g.to(group.state_dtype) for g in grads]
             if group.ema_started:
@@ -361,7 +331,7 @@ class GradientFilter(TunableSettings):
                 for state in group.states:
                     state.ema_started = True
                 group.ema_started = True
-            terms.append(_Term(group.ema, lamb_ema, 1.0))
+            terms.append(Term(group.ema, lamb_ema, 1.0))
         if config.uses_ma:
             first = group.states[0]
             index, count = (first.ma_index + 1) % config.window_size, min(first.ma_count + 1, config.window_size)
@@ -370,19 +340,21 @@ class GradientFilter(TunableSettings):
             added = not (config.warmup and count < config.window_size)
             unit = 1.0 / count if config.filter_type == "mean" else 1.0
             slot = group.slot(first.ma_index)
-            if fuse and added and not resum and lamb_ma * unit != 0.0:
+            inline = (fuse or tile) and added and not resum and lamb_ma * unit != 0.0
+            if inline and fuse:
                 ops.compiled_ma_amplify()(
                     group.ma_sum, slot, grads, self._fused_scalars(0.0, lamb_ma * unit, grads[0].device)[1]
                 )
+            elif inline:
+                ops.ma_amplify_tiled_(group.ma_sum, slot, grads, lamb_ma * unit)
             else:
-                fuse = False
                 ops.ma_update_(group.ma_sum, slot, grads)
             for state in group.states:
                 state.ma_index, state.ma_count, state.ma_updates = index, count, updates
             if resum:
                 ops.ma_resum_(group.ma_sum, group.windows)
             if added:
-                terms.append(_Term(group.ma_sum, lamb_ma, unit, added=fuse))
+                terms.append(Term(group.ma_sum, lamb_ma, unit, added=inline))
         return terms
 
     def _fused_scalars(self, weight: float, coef: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -398,7 +370,7 @@ class GradientFilter(TunableSettings):
             )
         return cached
 
-    def _guard_scale(self, terms: list[list[_Term]], grad_norm: Tensor, device: torch.device) -> Tensor | None:
+    def _guard_scale(self, terms: list[list[Term]], grad_norm: Tensor, device: torch.device) -> Tensor | None:
         """Divergence guard: factor ``<= 1`` bounding the added term by ``ratio`` times the raw running norm."""
         ratio = self.config.max_amplified_ratio
         if ratio is None:
@@ -409,11 +381,11 @@ class GradientFilter(TunableSettings):
         else:  # (a resumed running norm arrives on the CPU)
             running = running.to(grad_norm.device).lerp_(grad_norm, 1 - GUARD_NORM_MOMENTUM)
         self._guard_norm = running
-        added = _added_norm(terms, device)
+        added = groups.added_norm(terms, device)
         scale = (ratio * running / added.clamp_min(1e-30)).clamp(max=1.0)
         return torch.where(added.isfinite(), scale, torch.zeros_like(scale))
 
-    def _amplify(self, grads: list[Tensor], terms: list[_Term], guard: Tensor | None) -> bool:
+    def _amplify(self, grads: list[Tensor], terms: list[Term], guard: Tensor | None) -> bool:
         """``g <- (g + sum(lamb * unit * state)) / denominator``; returns whether anything was added."""
         if any(t.added for t in terms):
             return True
@@ -596,36 +568,3 @@ def _check_state_fits(name: str, state: ParamState, grad: Tensor, config: Filter
         )
     if (state.ema is None) == config.uses_ema or (state.ma_sum is None) == config.uses_ma:
         raise ValueError(f"Filter state for {name!r} was made by another kind of filter than {config.filter!r}.")
-
-
-def _slow_norm(terms: list[list[_Term]], device: torch.device) -> Tensor:
-    """Norm of the slow component before ``lamb``: the lamb-weighted mean of each group's ``unit * tensors``."""
-    parts = []
-    for group_terms in terms:
-        if not group_terms:
-            continue
-        total = sum(t.lamb for t in group_terms)
-        weights = [t.lamb / total if total else 1.0 / len(group_terms) for t in group_terms]
-        combined = torch._foreach_mul(group_terms[0].tensors, weights[0] * group_terms[0].unit)
-        for term, weight in zip(group_terms[1:], weights[1:]):
-            torch._foreach_add_(combined, term.tensors, alpha=weight * term.unit)
-        parts.append(ops.squared_norms(combined))
-    if not parts:
-        return torch.zeros((), device=device)
-    return ops.global_norm(parts, device)
-
-
-def _added_norm(terms: list[list[_Term]], device: torch.device) -> Tensor:
-    """Norm of what would be added to the gradients: ``sum(coef * state)`` over every group."""
-    parts = []
-    for group_terms in terms:
-        active = [t for t in group_terms if t.coef != 0.0]
-        if not active:
-            continue
-        combined = torch._foreach_mul(active[0].tensors, active[0].coef)
-        for term in active[1:]:
-            torch._foreach_add_(combined, term.tensors, alpha=term.coef)
-        parts.append(ops.squared_norms(combined))
-    if not parts:
-        return torch.zeros((), device=device)
-    return ops.global_norm(parts, device)

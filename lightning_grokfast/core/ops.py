@@ -15,20 +15,33 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "TILE_ELEMENTS",
+    "TILE_MIN_BYTES",
     "add_scaled_",
     "all_finite",
     "compiled_ema_amplify",
     "compiled_ma_amplify",
     "ema_amplify_",
+    "ema_amplify_tiled_",
     "ema_update_",
     "global_norm",
     "ma_amplify_",
+    "ma_amplify_tiled_",
     "ma_resum_",
     "ma_update_",
     "norms",
     "orthogonalize_",
     "squared_norms",
 ]
+
+#: Elements per block of the tiled CPU path: a block of the gradient and of each state tensor (1 MiB each in
+#: float32) stays in cache between the update and the amplification. Chosen by a sweep of 64 Ki to 4 Mi elements
+#: on a 2-core EPYC (1 MiB L2 per core, 32 MiB L3): smaller blocks cost more in per-call overhead, larger ones
+#: fall out of cache (``docs/benchmarks-overhead.md``).
+TILE_ELEMENTS = 262144
+#: Gradient bytes of a group from which the CPU path is tiled: below, the tensors stay in the last-level cache
+#: between two foreach calls anyway, and one call per tensor would cost more than it saves.
+TILE_MIN_BYTES = 32 * 2**20
 
 
 def squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -235,6 +248,97 @@ def compiled_ma_amplify() -> Any:
             ma_amplify_, fullgraph=True, options={"emulate_precision_casts": True}
         )
     return fn
+
+
+def _tiles(tensors: Sequence[Sequence[Tensor]], block: int) -> tuple[list[list[Tensor]], list[tuple[Tensor, ...]]]:
+    """Split parallel lists of same-shape tensors into small ones (kept whole) and blocks of the large ones.
+
+    Returns:
+        The small or non-contiguous tensors, as one list per input list (for foreach calls), and the blocks of the
+        large contiguous ones: tuples of same-range flat views, one view per input list.
+    """
+    small: list[list[Tensor]] = [[] for _ in tensors]
+    blocks: list[tuple[Tensor, ...]] = []
+    for same in zip(*tensors):
+        if same[0].numel() <= block or not all(t.is_contiguous() for t in same):
+            for whole, tensor in zip(small, same):
+                whole.append(tensor)
+        else:
+            blocks.extend(zip(*(t.view(-1).split(block) for t in same)))
+    return small, blocks
+
+
+def ema_amplify_tiled_(
+    ema: list[Tensor], grads: list[Tensor], weight: float, coef: float, block: int | None = None
+) -> None:
+    """:func:`ema_update_` then :func:`add_scaled_` (``coef`` a float), block by block for large tensors.
+
+    The same operations on the same values as the two foreach calls, so the result is bitwise the same; but each
+    block of a large gradient and its state is still in cache when it is amplified, so main memory sees 4 passes
+    (read the gradient and the state, write both) instead of 6. For CPU tensors much larger than the last-level
+    cache; small tensors go through the foreach calls whole.
+
+    Args:
+        ema: the EMA tensors (started), updated in place.
+        grads: the gradients, amplified in place.
+        weight: ``1 - alpha``.
+        coef: the amplification ``lamb``.
+        block: elements per block (default :data:`TILE_ELEMENTS`).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.ops import ema_amplify_tiled_
+        >>> ema, grads = [torch.zeros(4)], [torch.ones(4)]
+        >>> ema_amplify_tiled_(ema, grads, 0.5, 2.0, block=2)
+        >>> ema[0], grads[0]
+        (tensor([0.5000, 0.5000, 0.5000, 0.5000]), tensor([2., 2., 2., 2.]))
+    """
+    (small_ema, small_grads), blocks = _tiles((ema, grads), block or TILE_ELEMENTS)
+    if small_ema:
+        cast = small_ema[0].dtype != small_grads[0].dtype
+        ema_update_(small_ema, [g.to(s.dtype) for s, g in zip(small_ema, small_grads)] if cast else small_grads, weight)
+        add_scaled_(small_grads, small_ema, coef)
+    for state, grad in blocks:
+        state.lerp_(grad if grad.dtype == state.dtype else grad.to(state.dtype), weight)
+        grad.add_(state, alpha=coef)
+
+
+def ma_amplify_tiled_(
+    ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor], coef: float, block: int | None = None
+) -> None:
+    """:func:`ma_update_` then :func:`add_scaled_` of the sums (``coef`` a float), block by block for large tensors.
+
+    The same operations in the same order as the four foreach calls (bitwise the same result, and the running sum
+    still adds exactly what the slot keeps), but each block of the sum, the slot and the gradient stays in cache
+    through the four of them: 6 passes over main memory instead of 11. For CPU tensors much larger than the
+    last-level cache; small tensors go through the foreach calls whole.
+
+    Args:
+        ma_sum: the running sums, updated in place.
+        oldest: the ring-buffer slots the gradients replace, overwritten.
+        grads: the gradients, amplified in place.
+        coef: ``lamb`` (over the window size for a mean).
+        block: elements per block (default :data:`TILE_ELEMENTS`).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_grokfast.core.ops import ma_amplify_tiled_
+        >>> window, total, grads = torch.zeros(2, 4), torch.zeros(4), [torch.ones(4)]
+        >>> ma_amplify_tiled_([total], [window[0]], grads, 0.5, block=2)
+        >>> total, grads[0]
+        (tensor([1., 1., 1., 1.]), tensor([1.5000, 1.5000, 1.5000, 1.5000]))
+    """
+    (small_sum, small_slot, small_grads), blocks = _tiles((ma_sum, oldest, grads), block or TILE_ELEMENTS)
+    if small_sum:
+        ma_update_(small_sum, small_slot, small_grads)
+        add_scaled_(small_grads, small_sum, coef)
+    for total, slot, grad in blocks:
+        total.sub_(slot)
+        slot.copy_(grad)
+        total.add_(slot)
+        grad.add_(total, alpha=coef)
 
 
 def ma_update_(ma_sum: list[Tensor], oldest: list[Tensor], grads: list[Tensor]) -> None:
