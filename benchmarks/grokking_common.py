@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_grokfast import GrokfastCallback, GrokkingDetectorCallback
+from lightning_grokfast.callbacks.auto import AUTO_BACKOFF, AUTO_FILTER
 from lightning_grokfast.tasks import (
     DigitsDataModule,
     GrokTransformer,
@@ -127,6 +128,8 @@ class Method:
     loss: str = "cross_entropy"
     weight_decay: float | None = None  # None: the task's matched weight decay
     needs: tuple[str, ...] = ()  # GrokfastCallback arguments this row needs (added on main by the lead)
+    #: more callbacks of the row, built from its GrokfastCallback (a rule that steers ``lamb``, say)
+    extra: Callable[[GrokfastCallback], list[Callback]] | None = None
 
     def grokfast_kwargs(self, task: Task) -> dict[str, Any] | None:
         if self.grokfast is None:
@@ -138,6 +141,17 @@ class Method:
 
 METHOD_EXTRAS = {"ema": {}, "ema_orthogonal": {"orthogonal": True}}
 MA = {"filter": "ma", "window_size": 100, "lamb": 5.0}
+EMA_MA = {"filter": "ema+ma", "alpha": 0.98, "lamb": 2.0, "window_size": 100, "ma_lamb": 5.0}
+#: The back-off of ``auto_grokfast``: ``lamb`` x0.5 each time the train metric falls 0.02 below its best.
+BACKOFF = {k: v for k, v in AUTO_BACKOFF.items() if k != "stop_on_convergence"}  # run_one never stops
+#: The rows of both the leaderboard and the safe-default study.
+SHARED_ROWS = (
+    Method("none", "no filter"),
+    Method("ema", "Grokfast EMA", grokfast="ema"),
+    Method("ma", "Grokfast MA (w 100, lamb 5)", grokfast=MA),
+    Method("ema_ma", "Grokfast EMA+MA", grokfast=EMA_MA),
+)
+AUTO_ROW = Method("auto", "auto (MA, lamb x0.5 at each train drop)", grokfast=AUTO_FILTER, detector=BACKOFF)
 
 
 def missing_requirement(method: Method) -> str | None:
@@ -333,6 +347,8 @@ def run_one(
     grokfast = GrokfastCallback(**grokfast_kwargs) if grokfast_kwargs else None
     if grokfast is not None:
         callbacks.append(grokfast)
+    if grokfast is not None and method.extra is not None:
+        callbacks.extend(method.extra(grokfast))
     detector = None
     if method.detector:
         detector = GrokkingDetectorCallback(

@@ -1,18 +1,21 @@
 """Leaderboard: every method at matched weight decay on every built-in task, steps and time to the target accuracy.
 
-Tasks (``--tasks``; model, data and weight decay in ``grokking_common.TASKS``):
+Tasks (``--tasks``; model, data and weight decay in ``grokking_common.TASKS``, and the suite's in ``suite_tasks``):
 
 ``modular``  ``x*y mod 97``, the paper's transformer, Adam with coupled weight decay 0.005, target 95 %.
 ``parity``   sparse parity n=30 k=3 with 1,000 training examples, a 512-wide MLP, AdamW weight decay 1, target 95 %.
 ``digits``   scikit-learn's digits with 500 training images, a 2x200 MLP with a x16 initialisation (Omnigrok),
              AdamW weight decay 1, target 90 % (the MLP's ceiling with 500 images is about 95 %).
+``s5``, ``mnist1d``, ``regression``: the task suite of ``docs/tasks-suite.md`` (targets 90 %, 40 %, a validation MSE
+             of 0.05); not run by default, and only the Grokfast rows and ``none`` make sense on the regression.
 
 Rows (``--methods``): no filter; Grokfast EMA (the paper's setting for the kind of task: alpha 0.98 lamb 2, or
 its MNIST setting alpha 0.8 lamb 0.1 on digits); MA (window 100, lamb 5); EMA+MA (both terms); EMA with the
 detector's boost (lamb x1.5 once grokking is detected, at most 4); the anchors GrokFastAdamW and GrokAdamW
 (``pip install -e .[bench]``; their weight decay is decoupled); ⊥Grad alone and EMA + ⊥Grad (rows that need
 ``GrokfastCallback(orthogonal=...)``, ``filter="none"``: skipped with a message where the callback lacks them);
-StableMax cross-entropy without weight decay and without filter. Every row of a task uses the task's weight
+StableMax cross-entropy without weight decay and without filter; ``auto`` (``auto_grokfast``: MA with its
+``lamb`` halved whenever training becomes unstable, see ``safe_default.py``). Every row of a task uses the task's weight
 decay, except the StableMax row (0, its point).
 
 Each run is a ``Trainer.fit`` that validates every few steps (the task's interval) and stops at the target or the
@@ -23,7 +26,7 @@ resumes where it stopped, the grid can be run piecewise (``--methods none ema --
 processes can share it. The table ``<stem>.md``, the JSON export ``<stem>.json`` and the figures
 ``<stem>_steps_<task>.png`` and ``<stem>_curves.png`` (stem ``grokking_leaderboard`` by default) are made from
 everything in the storage for ``--tasks`` (``--table-only``: nothing trained). ``--migrate`` adds the runs of JSON
-reports of earlier versions.
+reports of earlier versions or of ``safe_default.py`` (its runs of the rows here).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, quiet_lightning
 from grokking_common import (
-    MA,
+    AUTO_ROW,
     RESULTS,
+    SHARED_ROWS,
     TASKS,
     Method,
     Settings,
@@ -56,24 +60,20 @@ from grokking_common import (
     summarize_marks,
 )
 from grokking_store import finished_runs, migrate, open_study, run_cells
+from safe_default_rules import rule_for
+from suite_tasks import SUITE
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("none", "no filter"),
-        Method("ema", "Grokfast EMA", grokfast="ema"),
-        Method("ma", "Grokfast MA (w 100, lamb 5)", grokfast=MA),
-        Method(
-            "ema_ma",
-            "Grokfast EMA+MA",
-            grokfast={"filter": "ema+ma", "alpha": 0.98, "lamb": 2.0, "window_size": 100, "ma_lamb": 5.0},
-        ),
+        *SHARED_ROWS,
         Method("ema_detector", "EMA + detector boost", grokfast="ema", detector={"lambda_boost": 1.5, "max_lamb": 4.0}),
         Method("grokfastadamw", "GrokFastAdamW (grokfast-pytorch)", anchor="grokfastadamw"),
         Method("grokadamw", "GrokAdamW (grokadamw)", anchor="grokadamw"),
         Method("orthograd", "⊥Grad alone", grokfast={"filter": "none", "orthogonal": True}, needs=("orthogonal",)),
         Method("ema_orthograd", "Grokfast EMA + ⊥Grad", grokfast="ema_orthogonal", needs=("orthogonal",)),
         Method("stablemax_wd0", "StableMax loss, wd 0, no filter", loss="stablemax", weight_decay=0.0),
+        AUTO_ROW,
     )
 }
 
@@ -86,7 +86,7 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task_name, rows in summary.items():
-        task = TASKS[task_name]
+        task = SUITE[task_name]
         target = str(task.marks[-1])
         base = rows.get("none")
         for name, entry in rows.items():
@@ -95,12 +95,17 @@ def markdown(summary: dict[str, dict[str, Any]], commands: dict[str, str]) -> st
             ratio = speedup(base, mark["steps_median"], target) if name != "none" else ""
             per_seed = paired_speedups(base, entry, target) if name != "none" else ""
             lines.append(
-                f"| {task_name} ({float(target):.0%}) | {method.label} | {weight_decay:g}"
+                f"| {task_name} ({_mark(float(target))}) | {method.label} | {weight_decay:g}"
                 f" | {' '.join(map(str, entry['seeds']))} | {cell(mark, cap)} | {cell(mark, cap, 'seconds')}"
                 f" | {mark['reached']}/{len(entry['seeds'])} | {ratio} | {per_seed}"
                 f" | {commands.get(f'{task_name}/{name}', '')} |"
             )
     return "\n".join([*lines, ""])
+
+
+def _mark(target: float) -> str:
+    """``95%``, or ``MSE 0.05`` for a negated error (the regression's)."""
+    return f"MSE {-target:g}" if target < 0 else f"{target:.0%}"
 
 
 def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> list[Path]:
@@ -109,7 +114,7 @@ def plot(runs: list[dict[str, Any]], tasks: list[str], path: Path) -> list[Path]
     from figures import leaderboard_figures
 
     labels = {name: method.label for name, method in METHODS.items()}
-    targets = {name: TASKS[name].marks[-1] for name in tasks}
+    targets = {name: SUITE[name].marks[-1] for name in tasks}
     return leaderboard_figures(runs, labels, targets, path.parent, prefix=f"{path.stem}_")
 
 
@@ -121,7 +126,7 @@ def study_name(task: str, mode: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the cells of tasks x methods x seeds missing from the storage; write the table and figure from it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(SUITE), default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (for the tests)")
@@ -148,17 +153,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = args.stem or ("grokking_leaderboard_smoke" if args.smoke else "grokking_leaderboard")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{args.out_dir.resolve() / 'grokking.db'}"
-    studies = {task: open_study(storage, study_name(task, settings.mode)) for task in TASKS}
+    studies = {task: open_study(storage, study_name(task, settings.mode)) for task in SUITE}
     command = " ".join(["python benchmarks/grokking_leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
     for path in args.migrate:
         report = json.loads(path.read_text())
         for task, study in studies.items():
             runs = [{"command": report["command"], **r} for r in report["runs"] if r["task"] == task]
-            print(f"[grokking] {path.name}: {migrate(study, runs, str(TASKS[task].marks[-1]))} {task} runs added")
+            runs = [r for r in runs if r["config"] in METHODS]  # a study's other rules (safe_default.py) stay out
+            print(f"[grokking] {path.name}: {migrate(study, runs, str(SUITE[task].marks[-1]))} {task} runs added")
     started = time.perf_counter()
 
     def run(task_name: str, name: str, seed: int) -> dict[str, Any]:
-        return {**run_one(TASKS[task_name], METHODS[name], seed, settings), "command": command}
+        return {**run_one(SUITE[task_name], rule_for(METHODS[name], task_name), seed, settings), "command": command}
 
     for task_name in [] if args.table_only else args.tasks:
         methods = []
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 methods.append(name)
         cells = [(name, seed) for name in methods for seed in settings.seeds]
-        target = str(TASKS[task_name].marks[-1])
+        target = str(SUITE[task_name].marks[-1])
         try:
             run_cells(studies[task_name], cells, functools.partial(run, task_name), target)
         except KeyboardInterrupt as stop:
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _report(runs: list[dict[str, Any]], command: str, settings: Settings, started: float) -> dict[str, Any]:
     summary: dict[str, dict[str, Any]] = {}
-    for task_name, task in TASKS.items():
+    for task_name, task in SUITE.items():
         for name in METHODS:
             rows = [r for r in runs if r["task"] == task_name and r["config"] == name]
             if rows:

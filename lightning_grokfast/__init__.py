@@ -24,6 +24,7 @@ _EXPORTS = {
     "GrokkingDashboardCallback": "lightning_grokfast.callbacks.dashboard",
     "GrokkingDetectorCallback": "lightning_grokfast.callbacks.detector",
     "GrokkingStateMachine": "lightning_grokfast.callbacks.detector",
+    "auto_grokfast": "lightning_grokfast.callbacks.auto",
 }
 
 __all__ = [
@@ -37,12 +38,14 @@ __all__ = [
     "ParamState",
     "StepInfo",
     "attach_grokfast",
+    "auto_grokfast",
 ]
 #: importable by name but left out of ``from lightning_grokfast import *``, which would need the ``[hf]`` extra
 _OPTIONAL = {"GrokfastTrainerCallback"}
 assert sorted(__all__) == sorted(set(_EXPORTS) - _OPTIONAL)
 
 if TYPE_CHECKING:
+    from lightning_grokfast.callbacks.auto import auto_grokfast
     from lightning_grokfast.callbacks.dashboard import GrokkingDashboardCallback
     from lightning_grokfast.callbacks.detector import GrokkingDetectorCallback, GrokkingStateMachine
     from lightning_grokfast.callbacks.grokfast import GrokfastCallback

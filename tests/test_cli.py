@@ -27,7 +27,7 @@ from tests.test_dashboard import read_events, read_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TASK_CONFIGS = ("baseline", "ema", "ma", "ema_detector")
+TASK_CONFIGS = ("baseline", "ema", "ma", "ema_detector", "auto")
 
 #: A few steps on a tiny task with a small model; validation after every epoch (4 steps).
 TINY = [
@@ -108,6 +108,22 @@ def test_grokfast_configs_log_filter_statistics(fitted: Callable[[str], Path], n
 def test_baseline_config_leaves_gradients_unfiltered(fitted: Callable[[str], Path]) -> None:
     tags = read_events(fitted("baseline")).Tags()["scalars"]
     assert not [tag for tag in tags if tag.startswith("grokfast/")]
+
+
+def test_auto_config_is_the_auto_grokfast_rule() -> None:
+    from lightning_grokfast import auto_grokfast
+
+    cli = build("--config", str(CONFIGS / "auto.yaml"))
+    (grokfast,) = callbacks_of(cli, GrokfastCallback)
+    (detector,) = callbacks_of(cli, GrokkingDetectorCallback)
+    rule_grokfast, rule_detector = auto_grokfast()
+    assert (grokfast.filter, grokfast.lamb, grokfast.config.window_size) == (
+        rule_grokfast.filter,
+        rule_grokfast.lamb,
+        rule_grokfast.config.window_size,
+    )
+    for name in ("instability_backoff", "instability_drop", "stop_on_convergence", "train_metric", "val_metric"):
+        assert getattr(detector, name) == getattr(rule_detector, name), name
 
 
 def test_ema_detector_config_runs_the_detector(fitted: Callable[[str], Path]) -> None:

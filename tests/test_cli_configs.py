@@ -73,7 +73,7 @@ def test_configs_subcommand_prints_one_config(capsys: pytest.CaptureFixture[str]
 
 
 def test_configs_subcommand_names_the_shipped_configs_for_an_unknown_name() -> None:
-    with pytest.raises(SystemExit, match="shipped configs are: baseline"):
+    with pytest.raises(SystemExit, match="shipped configs are: auto, baseline"):
         main(["configs", "nope"])
     with pytest.raises(ValueError, match="No shipped config named 'nope'"):
         list_configs("nope")

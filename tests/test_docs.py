@@ -60,6 +60,12 @@ def test_leaderboard_tables_in_the_docs_match_the_results() -> None:
         assert expected in page, (task, label)
 
 
+def test_safe_default_table_in_the_docs_matches_the_results() -> None:
+    page = (DOCS / "which-filter-new-tasks.md").read_text()
+    for row in _rows(RESULTS / "safe_default.md"):
+        assert "| " + " | ".join(row[:-1]) + " |" in page, row[:2]  # every column but the command
+
+
 def test_every_public_module_has_an_api_reference_entry() -> None:
     reference = "\n".join(path.read_text() for path in (DOCS / "reference").glob("*.md"))
     documented = set(re.findall(r"^::: ([\w.]+)$", reference, re.MULTILINE))

@@ -256,13 +256,39 @@ def test_safe_default_verdict_flags_a_rule_slower_than_no_filter_at_the_higher_m
 def test_safe_default_script_runs_the_new_tasks_in_smoke_mode(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "safe_default.py"), "--smoke", "--out-dir", str(tmp_path),
-         "--tasks", "s5", "mnist1d", "regression", "--rules", "none", "ema_ma_backoff"],
+         "--tasks", "s5", "mnist1d", "regression", "--rules", "none", "ema_ma_backoff", "auto"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "safe_default_smoke.json").read_text())
     ran = {(run["task"], run["config"]) for run in report["runs"]}
-    assert ran == {(t, r) for t in ("s5", "mnist1d", "regression") for r in ("none", "ema_ma_backoff")}
+    assert ran == {(t, r) for t in ("s5", "mnist1d", "regression") for r in ("none", "ema_ma_backoff", "auto")}
     assert report["marks"]["regression"] == ["-0.05", "-0.01"]  # negated errors: higher is better
     assert set(report["verdicts"]) == {"s5", "mnist1d", "regression"}
     assert "| regression (-0.05 / -0.01) | no filter |" in result.stdout
+
+
+def test_safe_default_merges_finished_runs_once_under_the_current_rule_names() -> None:
+    safe = _safe_default()
+    ours = [_run("digits", "auto", 0, {"0.9": 20, "0.95": 30})]
+    theirs = [
+        _run("digits", "ma_unstable", 0, {"0.9": 99, "0.95": 99}),  # measured under the rule's earlier name
+        _run("digits", "ma_unstable", 1, {"0.9": 25, "0.95": 35}),
+        {**_run("digits", "none", 0, {"0.9": None, "0.95": None}), "interrupted": True},
+    ]
+    merged = safe.merge(ours, safe.finished(theirs))
+    assert [(r["config"], r["seed"], r["steps_to"]["0.9"]) for r in merged] == [("auto", 0, 20), ("auto", 1, 25)]
+
+
+def test_leaderboard_runs_the_suite_tasks_and_the_auto_row_in_smoke_mode(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "grokking_leaderboard.py"), "--smoke", "--out-dir", str(tmp_path),
+         "--tasks", "mnist1d", "regression", "--methods", "none", "auto"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "grokking_leaderboard_smoke.json").read_text())
+    assert {(r["task"], r["config"]) for r in report["runs"]} == {
+        (t, m) for t in ("mnist1d", "regression") for m in ("none", "auto")
+    }
+    assert "| regression (MSE 0.05) | auto (MA, lamb x0.5 at each train drop) |" in result.stdout

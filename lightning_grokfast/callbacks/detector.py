@@ -56,6 +56,10 @@ class GrokkingDetectorCallback(Callback):
 
     - on entering ``"grokking"``: multiplies the :class:`~lightning_grokfast.GrokfastCallback`'s ``lamb`` (and
       ``ma_lamb``) by ``lambda_boost``, capped at ``max_lamb``;
+    - with ``instability_backoff`` below 1: whenever the train metric (its mean since the previous validation)
+      falls more than ``instability_drop`` below its best since memorization (rises above it, with
+      ``mode="min"``), multiplies ``lamb`` and ``ma_lamb`` by ``instability_backoff``: the amplification has made
+      training unstable (see "Which filter for my task?", the ``auto`` rule);
     - on ``"converged"`` (after grokking, unless ``stop_requires_grokking=False``): asks the Trainer to stop, if
       ``stop_on_convergence``;
     - with ``adaptive_alpha``: after every validation, sets the GrokfastCallback's ``alpha`` to
@@ -98,6 +102,11 @@ class GrokkingDetectorCallback(Callback):
         lambda_boost: factor, ``>= 0``, applied to the GrokfastCallback's ``lamb`` when grokking is detected
             (``1.0``: no boost).
         max_lamb: cap, ``>= 0``, for the boosted ``lamb`` (``None``: no cap).
+        instability_backoff: factor in ``[0, 1]`` applied to the GrokfastCallback's ``lamb`` and ``ma_lamb`` each
+            time the train metric, once memorized (``memorization_threshold``), falls more than
+            ``instability_drop`` below its best (``1.0``: off).
+        instability_drop: fall, ``> 0``, of the train metric from its best (in the metric's units) that counts as
+            unstable training.
         adaptive_alpha: adapt the GrokfastCallback's ``alpha`` to the grokking signal after each validation.
         kappa: decay rate, ``>= 0``, of the adaptive alpha.
         grokking_signal: ``(trainer, pl_module) -> float`` replacing the default signal (averaged over ranks,
@@ -145,6 +154,8 @@ class GrokkingDetectorCallback(Callback):
         patience: int = 3,
         lambda_boost: float = 1.0,
         max_lamb: float | None = None,
+        instability_backoff: float = 1.0,
+        instability_drop: float = 0.02,
         adaptive_alpha: bool = False,
         kappa: float = 0.1,
         grokking_signal: Callable[[pl.Trainer, pl.LightningModule], float] | None = None,
@@ -181,6 +192,10 @@ class GrokkingDetectorCallback(Callback):
         )
         self.lambda_boost = check_number(lambda_boost, "lambda_boost", low=0.0)
         self.max_lamb = None if max_lamb is None else check_number(max_lamb, "max_lamb", low=0.0)
+        self.instability_backoff = check_number(instability_backoff, "instability_backoff", low=0.0, high=1.0)
+        self.instability_drop = check_number(instability_drop, "instability_drop", low=0.0, low_inclusive=False)
+        #: the best train reading since memorization, signed so that higher is better (the instability back-off)
+        self.best_train: float | None = None
         self.adaptive_alpha = check_bool(adaptive_alpha, "adaptive_alpha")
         self.kappa = check_number(kappa, "kappa", low=0.0)
         if grokking_signal is not None and not callable(grokking_signal):
@@ -228,7 +243,13 @@ class GrokkingDetectorCallback(Callback):
 
     @property
     def boosts_lamb(self) -> bool:
+        """Whether grokking multiplies ``lamb`` (``lambda_boost != 1``)."""
         return self.lambda_boost != 1.0
+
+    @property
+    def backs_off(self) -> bool:
+        """Whether unstable training multiplies ``lamb`` (``instability_backoff != 1``)."""
+        return self.instability_backoff != 1.0
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -237,14 +258,20 @@ class GrokkingDetectorCallback(Callback):
         if stage != TrainerFn.FITTING.value:
             return
         wanted = [
-            what for what, on in (("lambda_boost", self.boosts_lamb), ("adaptive_alpha", self.adaptive_alpha)) if on
+            what
+            for what, on in (
+                ("lambda_boost", self.boosts_lamb),
+                ("instability_backoff", self.backs_off),
+                ("adaptive_alpha", self.adaptive_alpha),
+            )
+            if on
         ]
         if wanted and not self._grokfast:
             raise MisconfigurationException(
                 f"GrokkingDetectorCallback was configured with {' and '.join(wanted)}, which act on a GrokfastCallback,"
                 " but there is none among the Trainer's callbacks. Add one, e.g."
-                " `Trainer(callbacks=[GrokfastCallback(), GrokkingDetectorCallback(...)])`, or set lambda_boost=1.0"
-                " and adaptive_alpha=False."
+                " `Trainer(callbacks=[GrokfastCallback(), GrokkingDetectorCallback(...)])`, or set lambda_boost=1.0,"
+                " instability_backoff=1.0 and adaptive_alpha=False."
             )
         if self.adaptive_alpha and any(cb.filter == "ma" for cb in self._grokfast):
             raise MisconfigurationException(
@@ -280,11 +307,38 @@ class GrokkingDetectorCallback(Callback):
         self._check_mode(val, train)
         update = self.machine.update(trainer.global_step, val, train)
         if not update.ignored:
-            self._react(trainer, update, signal)
+            self._react(trainer, update, signal, self._fell(train))
 
-    def _react(self, trainer: pl.Trainer, update: DetectorUpdate, signal: float | None) -> None:
-        """Boost, adapt alpha, announce, log and (maybe) stop, after an evaluation the machine took."""
+    def _fell(self, train: float | None) -> tuple[float, float] | None:
+        """``(best before, train)`` if the train reading fell more than ``instability_drop`` below the best one
+        since it first reached ``memorization_threshold``, else ``None``; keeps that best. Before, nothing is
+        watched: a metric that is still being learned goes up and down."""
+        if train is None or not math.isfinite(train):
+            return None
+        sign = 1.0 if self.machine.mode == "max" else -1.0
+        best = self.best_train
+        if best is None and sign * train < sign * self.machine.memorization_threshold:
+            return None
+        self.best_train = sign * train if best is None else max(best, sign * train)
+        if best is None or sign * train >= best - self.instability_drop:
+            return None
+        return sign * best, train
+
+    def _react(
+        self, trainer: pl.Trainer, update: DetectorUpdate, signal: float | None, fell: tuple[float, float] | None
+    ) -> None:
+        """Boost, back off, adapt alpha, announce, log and (maybe) stop, after an evaluation the machine took."""
         lamb_before = self._grokfast[0].lamb if self._grokfast else None
+        messages: list[str] = []
+        if self.backs_off and fell is not None and self._grokfast:
+            for cb in self._grokfast:
+                cb.boost_lamb(self.instability_backoff)
+            messages.append(
+                f"{self.train_metric} {'fell' if self.machine.mode == 'max' else 'rose'} from {fell[0]:.4g} to"
+                f" {fell[1]:.4g} at step {update.step}:"
+                f" lamb {lamb_before:g} -> {self._grokfast[0].lamb:g}"
+            )
+            lamb_before = self._grokfast[0].lamb
         if self.boosts_lamb and any(t.phase == GROKKING for t in update.transitions):
             for cb in self._grokfast:
                 cb.boost_lamb(self.lambda_boost, self.max_lamb)
@@ -292,7 +346,7 @@ class GrokkingDetectorCallback(Callback):
             self.last_signal = max(0.0, signal)
             for cb, alpha_0 in zip(self._grokfast, self.alpha_0 or []):
                 cb.alpha = alpha_0 * math.exp(-self.kappa * self.last_signal)
-        messages = [self._describe(t, lamb_before) for t in update.transitions]
+        messages += [self._describe(t, lamb_before) for t in update.transitions]
         messages += [f"{self.val_metric} reached {m:g} at step {update.step}" for m in update.marks_reached]
         if self.verbose:
             for message in messages:
@@ -451,6 +505,7 @@ class GrokkingDetectorCallback(Callback):
             "alpha_0": None if self.alpha_0 is None else list(self.alpha_0),
             "last_signal": self.last_signal,
             "tracker": self.tracker.state_dict(),
+            "best_train": self.best_train,
         }
 
     @override
@@ -461,6 +516,7 @@ class GrokkingDetectorCallback(Callback):
         alpha_0 = state_dict["alpha_0"]
         self.alpha_0 = None if alpha_0 is None else [float(a) for a in alpha_0]
         self.last_signal = _optional_float(state_dict["last_signal"])
+        self.best_train = _optional_float(state_dict.get("best_train"))
         if "tracker" in state_dict:
             self.tracker.load_state_dict(state_dict["tracker"])
         else:  # 0.1: one (sum, count) per metric; restored as `count` copies of the mean
