@@ -30,7 +30,7 @@ def auto_grokfast(
     val_metric: str = "val_acc",
     mode: str = "max",
     memorization_threshold: float = 0.9,
-    instability_drop: float = 0.02,
+    instability_drop: float = AUTO_BACKOFF["instability_drop"],
     verbose: bool = True,
     **grokfast_kwargs: Any,
 ) -> list[Callback]:

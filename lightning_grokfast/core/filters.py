@@ -340,12 +340,12 @@ class GradientFilter(TunableSettings):
             added = not (config.warmup and count < config.window_size)
             unit = 1.0 / count if config.filter_type == "mean" else 1.0
             slot = group.slot(first.ma_index)
-            inline = (fuse or tile) and added and not resum and lamb_ma * unit != 0.0
-            if inline and fuse:
+            add_now = (fuse or tile) and added and not resum and lamb_ma * unit != 0.0
+            if add_now and fuse:
                 ops.compiled_ma_amplify()(
                     group.ma_sum, slot, grads, self._fused_scalars(0.0, lamb_ma * unit, grads[0].device)[1]
                 )
-            elif inline:
+            elif add_now:
                 ops.ma_amplify_tiled_(group.ma_sum, slot, grads, lamb_ma * unit)
             else:
                 ops.ma_update_(group.ma_sum, slot, grads)
@@ -354,7 +354,7 @@ class GradientFilter(TunableSettings):
             if resum:
                 ops.ma_resum_(group.ma_sum, group.windows)
             if added:
-                terms.append(Term(group.ma_sum, lamb_ma, unit, added=inline))
+                terms.append(Term(group.ma_sum, lamb_ma, unit, added=add_now))
         return terms
 
     def _fused_scalars(self, weight: float, coef: float, device: torch.device) -> tuple[Tensor, Tensor]:
