@@ -14,7 +14,8 @@ Rules (``--rules``): ``none``; ``ema`` (the task's EMA setting, the leaderboard'
 ``ema_ma`` (both terms); ``ema_ma_guard`` (the same with the divergence guard, ``max_amplified_ratio=1``);
 ``ema_ma_backoff`` (the same, lamb and ma_lamb x0.25 once the detector sees grokking start); ``auto`` (the
 ``auto_grokfast`` rule: MA window 100, lamb 5, halved whenever the train metric falls 0.02 below its best);
-``ema_ma_unstable`` (the same back-off over EMA+MA); the rejected ``*_gap`` and ``*_cut`` candidates
+``ema_ma_unstable`` (the same back-off over EMA+MA); ``auto_warm`` (``auto`` with ``lamb`` rising from 0 over the
+first 1,000 steps, ``safe_default_rules.LambWarmup``); the rejected ``*_gap`` and ``*_cut`` candidates
 (``safe_default_rules.GapScaledLamb``).
 
     python benchmarks/safe_default.py --tasks digits regression --rules none ema_ma --seeds 0 1 2 --threads 1

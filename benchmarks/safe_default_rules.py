@@ -66,6 +66,37 @@ class GapScaled:
         return [GapScaledLamb(grokfast, self.memorized, self.power, self.cut)]
 
 
+class LambWarmup(Callback):
+    """``lamb`` and ``ma_lamb`` rise linearly from 0 to their values over the first ``steps`` optimizer steps.
+
+    It composes with the detector's back-off: a change of ``lamb`` made by another callback between two steps
+    scales the value the ramp climbs to.
+    """
+
+    def __init__(self, grokfast: GrokfastCallback, steps: int) -> None:
+        self.grokfast, self.steps = grokfast, steps
+        self.target = (grokfast.lamb, grokfast.ma_lamb)
+        self.set: tuple[float, float] | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        current = (self.grokfast.lamb, self.grokfast.ma_lamb)
+        if self.set is not None and current != self.set:  # another callback changed lamb: keep its scaling
+            self.target = tuple(t * c / s if s else t for t, c, s in zip(self.target, current, self.set))
+        ramp = min(1.0, trainer.global_step / self.steps)
+        self.set = (self.target[0] * ramp, self.target[1] * ramp)
+        self.grokfast.lamb, self.grokfast.ma_lamb = self.set
+
+
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    """The ``extra`` of a :class:`LambWarmup` rule."""
+
+    steps: int
+
+    def __call__(self, grokfast: GrokfastCallback) -> list[Callback]:
+        return [LambWarmup(grokfast, self.steps)]
+
+
 RULES: dict[str, Method] = {
     m.name: m
     for m in (
@@ -79,6 +110,8 @@ RULES: dict[str, Method] = {
         Method("ma_cut", "MA, off once gap < peak gap / 2", grokfast=MA, extra=GapScaled(cut=0.5)),
         Method("ema_ma_cut", "EMA+MA, off once gap < peak gap / 2", grokfast=EMA_MA, extra=GapScaled(cut=0.5)),
         Method("auto_w50", "auto with window 50", grokfast={**AUTO_FILTER, "window_size": 50}, detector=BACKOFF),
+        Method("auto_warm", "auto, lamb warm-up over 1,000 steps", grokfast=AUTO_FILTER, detector=BACKOFF,
+               extra=Warmup(1000)),
         Method("ema_ma_unstable", "EMA+MA, lamb x0.5 at each train drop", grokfast=EMA_MA, detector=BACKOFF),
     )
 }  # fmt: skip

@@ -14,7 +14,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -278,6 +278,23 @@ def test_safe_default_merges_finished_runs_once_under_the_current_rule_names() -
     ]
     merged = safe.merge(ours, safe.finished(theirs))
     assert [(r["config"], r["seed"], r["steps_to"]["0.9"]) for r in merged] == [("auto", 0, 20), ("auto", 1, 25)]
+
+
+def test_lamb_warmup_ramps_lamb_and_keeps_a_back_off_made_meanwhile() -> None:
+    _safe_default()  # puts benchmarks/ on the path
+    from safe_default_rules import LambWarmup
+
+    grokfast = GrokfastCallback(filter="ma", window_size=10, lamb=4.0)
+    warmup = LambWarmup(grokfast, steps=4)
+    trainer = SimpleNamespace(global_step=0)
+    lambs = []
+    for step in range(6):
+        trainer.global_step = step
+        warmup.on_train_batch_start(trainer)  # type: ignore[arg-type]
+        lambs.append(grokfast.lamb)
+        if step == 2:
+            grokfast.boost_lamb(0.5)  # the detector's back-off halves lamb mid-ramp
+    assert lambs == [0.0, 1.0, 2.0, 1.5, 2.0, 2.0]
 
 
 def test_leaderboard_runs_the_suite_tasks_and_the_auto_row_in_smoke_mode(tmp_path: Path) -> None:
