@@ -122,9 +122,10 @@ def markdown(summary: dict[str, Any], seeds: int, val_every: int, commands: dict
         steps = marks["0.95"]["steps_median"]
         vs_wd0 = vs_same = per_seed = ""
         if not is_baseline(name):
-            vs_wd0 = speedup(baselines.get(0.0), steps, "0.95")
-            if baselines.get(0.0) and len(baselines[0.0]["seeds"]) > 1:
-                vs_wd0 += f" ({paired_speedups(baselines[0.0], entry, '0.95')})"
+            wd0 = baselines.get(0.0)
+            vs_wd0 = speedup(wd0, steps, "0.95")
+            if wd0 and len(wd0["seeds"]) > 1:
+                vs_wd0 += f" ({paired_speedups(wd0, entry, '0.95')})"
             vs_same = speedup(baselines.get(weight_decay), steps, "0.95")
             per_seed = paired_speedups(baselines.get(weight_decay), entry, "0.95")
         paper = f"{paper_steps:,}" if paper_steps else ""
